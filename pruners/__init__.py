@@ -1,0 +1,17 @@
+"""vtprune's pruning library: a registry of visual-token pruners and the runtime that attaches
+them to Hugging Face MLLMs. Imports torch and transformers, never Lightning.
+
+    import pruners
+    pruners.available()
+    pruner = pruners.build("fastv", budget=64)
+    with pruners.attach(model, pruner) as report:
+        out = model.generate(**inputs, max_new_tokens=16)
+    report.as_dict()
+"""
+
+from . import methods  # noqa: F401  (registers the built-in pruners)
+from .base import ModelInfo, Pruner, Stage, TokenState
+from .registry import available, build, register
+from .runtime import attach
+
+__all__ = ["ModelInfo", "Pruner", "Stage", "TokenState", "attach", "available", "build", "register"]

@@ -1,0 +1,210 @@
+"""The contract every pruner implements: `Stage`, `TokenState`, `ModelInfo` and `Pruner`.
+
+A pruner knows no model family. The runtime (``pruners/runtime``) hands it a `TokenState` at
+each stage it declared and takes a `TokenState` back. Tokens are kept in a padded batch: each
+sample has its own number of valid slots (``valid``), so pruners whose kept count differs per
+sample work in a batch. Padding sits on the left, as in left-padded generation, so the last
+slot of every sample is its last real token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from enum import Enum
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+class Stage(str, Enum):
+    """Where in the model a pruner acts."""
+
+    VISION_LAYER = "vision_layer"  # after (or inside) a chosen vision-encoder layer
+    VISION_OUTPUT = "vision_output"  # after the encoder and projector, before the LLM
+    LLM_LAYER = "llm_layer"  # after a chosen LLM layer, during prefill
+    DECODE = "decode"  # on the KV cache at each decoding step
+
+
+# A probe returns attention of the current layer for chosen query rows, computed from that
+# layer's own queries and keys (the model itself keeps running on SDPA / FlashAttention).
+# Signature: probe(query_index (B, R) long, heads: "mean" | "max" | "none", logits: bool) -> Tensor
+Probe = Callable[..., Tensor]
+
+
+@dataclasses.dataclass
+class TokenState:
+    """The tokens present at one point of the forward pass, for a batch.
+
+    Attributes:
+        hidden: (B, N, D) hidden states of the tokens present.
+        valid: (B, N) bool, False for padding slots.
+        visual: (B, N) bool, which tokens are visual. At vision stages every patch token is
+            visual and the CLS token is not (so it is never pruned by the generic helpers).
+        positions: (B, N) long. At LLM stages the original position id of each token. At vision
+            stages the patch index (row-major on `grid`) a token stands for; -1 for CLS.
+        origin: (B, N) long index of each token in the stage's original sequence (the LLM input
+            sequence, or the patch list); -1 for padding. The runtime uses it to map back.
+        sizes: (B, N) float, how many original tokens each token stands for (merged tokens).
+        stage: the stage this state is handed to.
+        layer: the layer index for VISION_LAYER / LLM_LAYER, else None.
+        grid: (rows, cols) of the image's patch grid.
+        num_images: (B,) long, images per sample (LLM stages; 1 per row at vision stages).
+        probe: attention probe for this layer; see `attention`.
+        extras: signals a stage offers beyond the fields above (documented by the runtime).
+    """
+
+    hidden: Tensor
+    valid: Tensor
+    visual: Tensor
+    positions: Tensor
+    origin: Tensor
+    sizes: Tensor
+    stage: Stage
+    layer: int | None = None
+    grid: tuple[int, int] | None = None
+    num_images: Tensor | None = None
+    probe: Probe | None = None
+    extras: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[1]
+
+    def visual_count(self) -> Tensor:
+        """(B,) number of valid visual tokens per sample."""
+        return (self.visual & self.valid).sum(-1)
+
+    def last_index(self) -> Tensor:
+        """(B,) slot of the last valid token of each sample (the last slot, by the padding rule)."""
+        return torch.full((self.batch_size,), self.num_tokens - 1, device=self.hidden.device)
+
+    def attention(self, query_index: Tensor, heads: str = "mean", logits: bool = False) -> Tensor:
+        """Attention of this layer from the given query slots to every slot.
+
+        Args:
+            query_index: (B, R) long slots of the query rows.
+            heads: "mean" or "max" over heads, or "none" to keep them as dim 1.
+            logits: return the scaled pre-softmax logits (no mask) instead of probabilities.
+
+        Returns:
+            (B, R, N) or, with heads="none", (B, H, R, N), in float32. Probabilities respect the
+            layer's own mask (causal and padding at LLM layers, padding at vision layers).
+        """
+        if self.probe is None:
+            raise RuntimeError(f"no attention probe is available at stage {self.stage.value}")
+        return self.probe(query_index, heads=heads, logits=logits)
+
+    def replace(self, **changes) -> TokenState:
+        return dataclasses.replace(self, **changes)
+
+    def keep(self, index: Tensor, hidden: Tensor | None = None, sizes: Tensor | None = None) -> TokenState:
+        """Keep the slots `index` (B, K) in that order; -1 marks padding (put it first).
+
+        `hidden` and `sizes` (B, K, ...) replace the gathered values, for merging methods.
+        The probe and extras do not carry over: they describe the layer before the cut.
+        """
+        pad = index < 0
+        safe = index.clamp(min=0)
+
+        def take(x: Tensor, fill) -> Tensor:
+            out = torch.gather(x, 1, safe.view(*safe.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+            return out.masked_fill(pad.view(*pad.shape, *([1] * (x.dim() - 2))), fill)
+
+        new_hidden = take(self.hidden, 0.0) if hidden is None else hidden.masked_fill(pad[..., None], 0.0)
+        new_sizes = take(self.sizes, 0.0) if sizes is None else sizes.masked_fill(pad, 0.0)
+        return dataclasses.replace(
+            self,
+            hidden=new_hidden,
+            valid=take(self.valid, False),
+            visual=take(self.visual, False),
+            positions=take(self.positions, -1),
+            origin=take(self.origin, -1),
+            sizes=new_sizes,
+            probe=None,
+            extras={},
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a pruner may know about the model it is attached to (family-independent)."""
+
+    family: str
+    visual_tokens: int  # visual tokens per image at the LLM input, unpruned (576 for LLaVA-1.5)
+    grid: tuple[int, int]  # patch grid of one image
+    vision_layers: int  # number of vision-encoder layers
+    vision_feature_layer: int  # index (>= 0) of the hidden state fed to the projector
+    llm_layers: int  # number of decoder layers
+    has_cls: bool  # the vision encoder has a CLS token
+
+
+class Pruner(nn.Module):
+    """Base class of every pruner. Subclasses implement the hooks of the stages they declare.
+
+    Class attributes a subclass sets:
+        name: registry name.
+        stages: the stages it acts at.
+        renumber_positions: kept tokens get contiguous position ids after a cut (MustDrop, PDrop
+            official code) instead of keeping their original ones (the default).
+        proportional_attention: vision layers add log(size) of merged tokens to attention
+            logits (ToMe).
+    Instance attributes set in `__init__` or `setup`:
+        budget: visual tokens per image that reach the LLM's last layer (None: method default).
+        vision_layers: vision layers after which `vision_layer` runs.
+        vision_hook_point: "block" (after the whole layer) or "attn" (after the attention
+            residual, before the MLP, as ToMe and FiCoCo-V merge).
+        llm_layers: LLM layers after which `llm_layer` runs during prefill.
+    """
+
+    name: ClassVar[str] = ""
+    stages: ClassVar[frozenset[Stage]] = frozenset()
+    renumber_positions: ClassVar[bool] = False
+    proportional_attention: ClassVar[bool] = False
+
+    def __init__(self, budget: int | None = None) -> None:
+        super().__init__()
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+            raise ValueError(f"{self.name}: budget must be an int or None, got {budget!r}")
+        if budget is not None and budget < 1:
+            raise ValueError(f"{self.name}: budget must be at least 1, got {budget}")
+        self.budget = budget
+        self.vision_layers: tuple[int, ...] = ()
+        self.vision_hook_point = "block"
+        self.llm_layers: tuple[int, ...] = ()
+        self.info: ModelInfo | None = None
+
+    def setup(self, info: ModelInfo) -> None:
+        """Called by `attach` once the model is known: check the budget, fix layer schedules."""
+        if self.budget is not None and not 1 <= self.budget <= info.visual_tokens:
+            raise ValueError(
+                f"{self.name}: budget {self.budget} is out of range for this model: "
+                f"allowed 1..{info.visual_tokens} visual tokens per image"
+            )
+        self.info = info
+
+    def check_layers(self, layers: tuple[int, ...], count: int, what: str) -> None:
+        """Reject layer indices the model does not have."""
+        bad = [i for i in layers if not 0 <= i < count]
+        if bad:
+            raise ValueError(f"{self.name}: {what} {bad} out of range: allowed 0..{count - 1}")
+
+    def vision_layer(self, state: TokenState) -> TokenState:
+        raise NotImplementedError
+
+    def vision_output(self, state: TokenState) -> TokenState:
+        raise NotImplementedError
+
+    def llm_layer(self, state: TokenState) -> TokenState:
+        raise NotImplementedError
+
+    def decode(self, cache) -> None:  # cache: runtime.decoder.DecodeCache
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"budget={self.budget}"

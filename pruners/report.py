@@ -1,0 +1,132 @@
+"""The efficiency report that `pruners.attach` returns: token counts, FLOPs, KV cache, timings.
+
+The runtime records, per sample, the tokens each layer processed and the KV cache it left;
+`as_dict()` turns them into means over every sample seen inside the `with` block.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from statistics import fmean
+
+import torch
+
+from . import flops
+
+
+@dataclass
+class SampleRecord:
+    """What one sample cost in one prefill (and the decode steps after it)."""
+
+    vision_tokens: list[int]  # tokens per vision layer run, summed over the sample's images
+    projector_tokens: int  # tokens entering the projector
+    llm_tokens: list[int]  # tokens (text + visual) per LLM layer
+    llm_visual: list[int]  # visual tokens per LLM layer
+    kv_bytes_prefill: int = 0
+    kv_bytes: int = 0  # after the last forward seen (prefill or decode step)
+    kv_bytes_per_layer: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    hidden: int
+    mlp: int
+    projector_in: int
+    projector_out: int
+
+
+class EfficiencyReport:
+    """Accumulates what the attached model did; `as_dict()` summarises it."""
+
+    def __init__(self, pruner_name: str, decoder: flops.DecoderShape, vision: VisionShape) -> None:
+        self.pruner_name = pruner_name
+        self.decoder = decoder
+        self.vision = vision
+        self.reset()
+
+    def reset(self) -> None:
+        self.samples: list[SampleRecord] = []
+        self.prefill_ms: list[float] = []
+        self.decode_ms: list[float] = []
+        self._live: list[SampleRecord] = []  # samples of the generation in progress
+
+    # -- recording (called by the runtime) ---------------------------------------------------
+    def add_prefill(self, records: list[SampleRecord], ms: float) -> None:
+        self.samples.extend(records)
+        self._live = records
+        self.prefill_ms.append(ms)
+
+    def add_decode_step(self, ms: float) -> None:
+        self.decode_ms.append(ms)
+
+    def update_kv(self, per_sample_layers: list[list[int]], prefill: bool) -> None:
+        """Record KV bytes per sample and layer of the generation in progress."""
+        for rec, layers in zip(self._live, per_sample_layers):
+            rec.kv_bytes = sum(layers)
+            if prefill:
+                rec.kv_bytes_prefill = rec.kv_bytes
+                rec.kv_bytes_per_layer = layers
+
+    # -- summary -------------------------------------------------------------------------------
+    def _llm_flops(self, rec: SampleRecord, fn) -> int:
+        return sum(fn(n, self.decoder) for n in rec.llm_tokens)
+
+    def _vision_flops(self, rec: SampleRecord) -> int:
+        v = self.vision
+        encoder = sum(flops.vit_layer_macs(n, v.hidden, v.mlp) for n in rec.vision_tokens)
+        projector = rec.projector_tokens * (v.projector_in * v.projector_out + v.projector_out * v.projector_out)
+        return encoder + projector
+
+    def as_dict(self) -> dict:
+        """Means over all samples seen. Token counts per sample; FLOPs are multiply-adds."""
+        s = self.samples
+        if not s:
+            return {"pruner": self.pruner_name, "num_samples": 0}
+        layers = len(s[0].llm_tokens)
+        per_layer = [fmean(r.llm_visual[i] for r in s) for i in range(layers)]
+        vision_layers = max(len(r.vision_tokens) for r in s)
+        return {
+            "pruner": self.pruner_name,
+            "num_samples": len(s),
+            "visual_tokens": fmean(r.llm_visual[-1] for r in s),
+            "visual_tokens_llm_input": fmean(r.llm_visual[0] for r in s),
+            "visual_tokens_layer_mean": fmean(fmean(r.llm_visual) for r in s),
+            "visual_tokens_per_layer": per_layer,
+            "vision_tokens_per_layer": [
+                fmean(r.vision_tokens[i] for r in s if i < len(r.vision_tokens)) for i in range(vision_layers)
+            ],
+            "prefill_flops": fmean(self._llm_flops(r, flops.llama_layer_macs) for r in s),
+            "prefill_flops_fastv": fmean(self._llm_flops(r, flops.fastv_layer_macs) for r in s),
+            "vision_flops": fmean(self._vision_flops(r) for r in s),
+            "flops_convention": flops.CONVENTION,
+            "kv_cache_bytes": fmean(r.kv_bytes for r in s),
+            "kv_cache_bytes_prefill": fmean(r.kv_bytes_prefill for r in s),
+            "kv_cache_bytes_per_layer": [
+                fmean(r.kv_bytes_per_layer[i] for r in s) for i in range(len(s[0].kv_bytes_per_layer))
+            ],
+            "prefill_latency_ms": fmean(self.prefill_ms) if self.prefill_ms else 0.0,
+            "decode_latency_ms_per_token": fmean(self.decode_ms) if self.decode_ms else 0.0,
+            "num_prefills": len(self.prefill_ms),
+        }
+
+
+class Timer:
+    """Wall-clock milliseconds of a block, synchronising CUDA so GPU work is counted."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ms = 0.0
+
+    def __enter__(self) -> Timer:
+        self._sync()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.ms = (time.perf_counter() - self._t0) * 1e3
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

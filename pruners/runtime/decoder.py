@@ -1,0 +1,220 @@
+"""The decoder loop the runtime owns for an attached model (LLaMA-style decoders).
+
+transformers 5.x runs a decoder as a short loop over its layers with one mask and one set of
+rotary embeddings. Here the loop is ours, reusing the model's own layer modules, so that after
+a pruner cuts tokens each later layer gets the mask and positions of its (shorter) sequence and
+its KV cache really holds fewer entries. Every layer still runs on the model's own attention
+implementation (SDPA by default): masks are passed as explicit boolean tensors.
+
+Per layer we keep `LayerSlots`: which cache slots hold a real token, where it came from and
+whether it is visual. Slots are left-padded per sample; a padding slot is never attended to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..base import Pruner, Stage, TokenState
+from ..ops import attention_rows
+from .capture import ProjectionCapture
+
+
+@dataclass
+class LayerSlots:
+    """Bookkeeping of one layer's KV cache: (B, T) tensors aligned with the cache's T axis."""
+
+    valid: Tensor
+    origin: Tensor  # index in the original (unpruned) input coordinates; -1 for padding
+    visual: Tensor
+
+    def extend(self, new_origin: Tensor) -> LayerSlots:
+        ones = torch.ones_like(new_origin, dtype=torch.bool)
+        return LayerSlots(
+            torch.cat([self.valid, ones], 1), torch.cat([self.origin, new_origin], 1),
+            torch.cat([self.visual, ~ones], 1),
+        )
+
+    def take(self, index: Tensor) -> LayerSlots:
+        pad, safe = index < 0, index.clamp(min=0)
+        return LayerSlots(
+            self.valid.gather(1, safe) & ~pad,
+            self.origin.gather(1, safe).masked_fill(pad, -1),
+            self.visual.gather(1, safe) & ~pad,
+        )
+
+
+class DecodeCache:
+    """What a DECODE-stage pruner sees at each decoding step, and how it evicts entries.
+
+    `keys(l)` / `values(l)` are (B, kv_heads, T_l, head_dim) tensors of layer l's cache;
+    `slots(l)` says which entries are real, visual and where they came from. `keep(l, index)`
+    keeps the entries `index` (B, K) (-1 = padding, placed first) of layer l: the cache tensors
+    themselves are cut, so the layer's cache really shrinks.
+    """
+
+    def __init__(self, cache, slots: list[LayerSlots], step: int) -> None:
+        self.cache = cache
+        self._slots = slots
+        self.step = step  # decoding steps already taken before this one (0 = first new token)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._slots)
+
+    def keys(self, layer: int) -> Tensor:
+        return self.cache.layers[layer].keys
+
+    def values(self, layer: int) -> Tensor:
+        return self.cache.layers[layer].values
+
+    def slots(self, layer: int) -> LayerSlots:
+        return self._slots[layer]
+
+    def keep(self, layer: int, index: Tensor) -> None:
+        cl = self.cache.layers[layer]
+        pad, safe = index < 0, index.clamp(min=0)
+        gather = safe[:, None, :, None].expand(-1, cl.keys.shape[1], -1, cl.keys.shape[3])
+        zero = pad[:, None, :, None]
+        cl.keys = cl.keys.gather(2, gather).masked_fill(zero, 0.0)
+        cl.values = cl.values.gather(2, gather).masked_fill(zero, 0.0)
+        self._slots[layer] = self._slots[layer].take(index)
+
+
+def prefill_mask(valid: Tensor) -> Tensor:
+    """(B, 1, n, n) bool: causal over slots, padding keys hidden; padding rows see themselves.
+
+    Slot order equals original order (cuts keep order), so slot-causal is position-causal. The
+    diagonal keeps padding rows from being fully masked, which would give NaN in SDPA.
+    """
+    n = valid.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(n, dtype=torch.bool, device=valid.device)
+    return ((causal & valid[:, None, :]) | eye)[:, None]
+
+
+def decode_mask(past_valid: Tensor, q: int) -> Tensor:
+    """(B, 1, q, T+q) bool mask for q new tokens after a cache whose real slots are `past_valid`."""
+    bsz = past_valid.shape[0]
+    new = torch.ones(q, q, dtype=torch.bool, device=past_valid.device).tril()
+    past = past_valid[:, None, :].expand(bsz, q, -1)
+    return torch.cat([past, new.expand(bsz, q, q)], -1)[:, None]
+
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def as_attention_mask(mask: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
+    """A boolean keep-mask in the form the layer's attention takes: SDPA takes it as is,
+    eager attention adds it to the scores, so it gets 0 / dtype-min."""
+    if implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of x (B, H, n, hd) with cos/sin (B, n, hd), as LLaMA applies it."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class LLMProbe:
+    """Attention of one decoder layer from its own (captured) queries and keys, plus RoPE."""
+
+    def __init__(self, layer: nn.Module, capture: ProjectionCapture, cos: Tensor, sin: Tensor, mask: Tensor):
+        attn = layer.self_attn
+        q, k = capture.get(attn)
+        bsz, n, _ = q.shape
+        self.query = rotate(q.view(bsz, n, -1, attn.head_dim).transpose(1, 2), cos, sin)
+        self.key = rotate(k.view(bsz, n, -1, attn.head_dim).transpose(1, 2), cos, sin)
+        self.scale = attn.scaling
+        self.mask = mask[:, 0]
+
+    def __call__(self, query_index: Tensor, heads: str = "mean", logits: bool = False) -> Tensor:
+        return attention_rows(self.query, self.key, query_index, self.scale, self.mask, heads, logits)
+
+
+@dataclass
+class Sequence:
+    """The tokens flowing through the decoder during prefill."""
+
+    hidden: Tensor
+    valid: Tensor
+    visual: Tensor
+    positions: Tensor
+    origin: Tensor
+    num_images: Tensor
+
+    def slots(self) -> LayerSlots:
+        return LayerSlots(self.valid, self.origin, self.visual & self.valid)
+
+
+class DecoderRunner:
+    """Runs a LLaMA-style decoder (embed -> layers -> norm) with pruner hooks."""
+
+    def __init__(self, lm: nn.Module, pruner: Pruner, capture: ProjectionCapture) -> None:
+        self.lm = lm
+        self.pruner = pruner
+        self.capture = capture
+        self.layers = list(lm.layers[: lm.config.num_hidden_layers])
+        self.hook_layers = set(pruner.llm_layers) if Stage.LLM_LAYER in pruner.stages else set()
+        self.implementation = lm.config._attn_implementation
+        if self.implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(f"attention implementation {self.implementation!r} is not supported by the runtime; "
+                             f"supported: {', '.join(SUPPORTED_ATTENTION)}")
+
+    def _mask(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
+        return as_attention_mask(mask, self.implementation, dtype)
+
+    def prefill(self, seq: Sequence, cache, grid) -> tuple[Tensor, Sequence, list[LayerSlots], list[Tensor]]:
+        """Returns the normed output, the final sequence, each layer's cache slots and token counts."""
+        slots, counts = [], []
+        mask = prefill_mask(seq.valid)
+        layer_mask = self._mask(mask, seq.hidden.dtype)
+        cos, sin = self.lm.rotary_emb(seq.hidden, position_ids=seq.positions)
+        for i, layer in enumerate(self.layers):
+            slots.append(seq.slots())
+            counts.append(torch.stack([seq.valid.sum(-1), (seq.visual & seq.valid).sum(-1)]))
+            seq.hidden = layer(seq.hidden, attention_mask=layer_mask, position_embeddings=(cos, sin),
+                               position_ids=seq.positions, past_key_values=cache, use_cache=cache is not None)
+            if i in self.hook_layers:
+                new = self._cut(seq, i, layer, cos, sin, mask, grid)
+                if new is not None:
+                    seq = new
+                    mask = prefill_mask(seq.valid)
+                    layer_mask = self._mask(mask, seq.hidden.dtype)
+                    cos, sin = self.lm.rotary_emb(seq.hidden, position_ids=seq.positions)
+        return self.lm.norm(seq.hidden), seq, slots, counts
+
+    def _cut(self, seq: Sequence, i: int, layer, cos, sin, mask, grid) -> Sequence | None:
+        probe = LLMProbe(layer, self.capture, cos, sin, mask)
+        state = TokenState(
+            hidden=seq.hidden, valid=seq.valid, visual=seq.visual, positions=seq.positions, origin=seq.origin,
+            sizes=torch.ones_like(seq.valid, dtype=seq.hidden.dtype), stage=Stage.LLM_LAYER, layer=i, grid=grid,
+            num_images=seq.num_images, probe=probe, extras={"keys": probe.key},
+        )
+        new = self.pruner.llm_layer(state)
+        self.capture.clear()
+        if new is state:
+            return None
+        positions = new.positions
+        if self.pruner.renumber_positions:
+            first = seq.positions.masked_fill(~seq.valid, torch.iinfo(seq.positions.dtype).max).amin(-1, keepdim=True)
+            positions = (first + new.valid.long().cumsum(-1) - 1).masked_fill(~new.valid, 0)
+        return Sequence(new.hidden, new.valid, new.visual, positions.masked_fill(~new.valid, 0), new.origin,
+                        seq.num_images)
+
+    def decode(self, hidden: Tensor, positions: Tensor, origin: Tensor, cache, slots: list[LayerSlots]) -> Tensor:
+        """Runs q new tokens (B, q) through every layer against each layer's own cache."""
+        cos, sin = self.lm.rotary_emb(hidden, position_ids=positions)
+        q = hidden.shape[1]
+        for i, layer in enumerate(self.layers):
+            mask = decode_mask(slots[i].valid, q)
+            slots[i] = slots[i].extend(origin)
+            hidden = layer(hidden, attention_mask=self._mask(mask, hidden.dtype), position_embeddings=(cos, sin),
+                           position_ids=positions, past_key_values=cache, use_cache=True)
+        self.capture.clear()
+        return self.lm.norm(hidden)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny real LLaVA models built from configs in code (milliseconds, no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN = 3
+PAD = 0
+VOCAB = 64
+
+
+def make_llava(image_size: int = 112, vision_layers: int = 3, llm_layers: int = 4, attn: str = "sdpa",
+               seed: int = 0, strategy: str = "default") -> LlavaForConditionalGeneration:
+    """A 2-4 layer CLIP + LLaMA LLaVA with random weights; 112 px / patch 14 = 64 visual tokens."""
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=4, image_size=image_size, patch_size=14)
+    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=llm_layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=4096, pad_token_id=PAD)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                      vision_feature_layer=-2, vision_feature_select_strategy=strategy)
+    cfg._attn_implementation = attn
+    model = LlavaForConditionalGeneration(cfg).eval()
+    # Larger random weights than HF's init so logits are well separated (stable greedy oracles).
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def make_inputs(model, prompt_lens: list[int], seed: int = 0, images_per_sample: int = 1) -> dict:
+    """Left-padded batch: each sample = text, image tokens, text of its own length."""
+    g = torch.Generator().manual_seed(seed)
+    n_visual = (model.config.vision_config.image_size // 14) ** 2
+    if model.config.vision_feature_select_strategy == "full":
+        n_visual += 1
+    rows = []
+    for plen in prompt_lens:
+        head = torch.randint(4, VOCAB, (2,), generator=g).tolist()
+        tail = torch.randint(4, VOCAB, (plen,), generator=g).tolist()
+        rows.append(head + [IMAGE_TOKEN] * n_visual * images_per_sample + tail)
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(len(rows) * images_per_sample, 3, size, size, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def slice_inputs(inputs: dict, i: int, images_per_sample: int = 1) -> dict:
+    """Sample i alone, padding removed."""
+    keep = inputs["attention_mask"][i].bool()
+    return {
+        "input_ids": inputs["input_ids"][i][keep][None],
+        "attention_mask": inputs["attention_mask"][i][keep][None],
+        "pixel_values": inputs["pixel_values"][i * images_per_sample:(i + 1) * images_per_sample],
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_llava():
+    return make_llava()

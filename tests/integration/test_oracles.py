@@ -1,0 +1,119 @@
+"""The correctness oracles every change keeps green (DESIGN.md, Tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_inputs, make_llava, slice_inputs
+
+import pruners
+
+# Budgets that every registered pruner accepts on the 64-token tiny model.
+BUDGET = 32
+NEW_TOKENS = 5
+
+
+def build(name: str, budget: int | None = BUDGET) -> pruners.Pruner:
+    return pruners.build(name) if name == "none" else pruners.build(name, budget=budget)
+
+
+def generate(model, inputs, pruner=None, **kw):
+    kw = {"max_new_tokens": NEW_TOKENS, "do_sample": False, **kw}
+    with torch.no_grad():
+        if pruner is None:
+            return model.generate(**inputs, **kw)[:, -NEW_TOKENS:]
+        with pruners.attach(model, pruner):
+            return model.generate(**inputs, **kw)[:, -NEW_TOKENS:]
+
+
+def test_none_forward_matches_hf(tiny_llava):
+    inputs = make_inputs(tiny_llava, [3, 8])
+    with torch.no_grad():
+        ref = tiny_llava(**inputs).logits
+        with pruners.attach(tiny_llava, pruners.build("none")):
+            out = tiny_llava(**inputs).logits
+    real = inputs["attention_mask"].bool()
+    assert (ref - out)[real].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("pruner", ["none", "fastv"])
+def test_keep_everything_generation_matches_hf(tiny_llava, pruner):
+    inputs = make_inputs(tiny_llava, [3, 8])
+    full = build(pruner, budget=64) if pruner != "none" else build("none")
+    assert torch.equal(generate(tiny_llava, inputs, full), generate(tiny_llava, inputs))
+    with torch.no_grad():
+        ref = tiny_llava(**inputs).logits[:, -1]
+        with pruners.attach(tiny_llava, full):
+            out = tiny_llava(**inputs).logits[:, -1]
+    assert (ref - out).abs().max() <= 1e-5
+
+
+def test_none_sampling_matches_hf(tiny_llava):
+    inputs = make_inputs(tiny_llava, [4, 6])
+    torch.manual_seed(7)
+    ref = generate(tiny_llava, inputs, do_sample=True, top_k=0)
+    torch.manual_seed(7)
+    out = generate(tiny_llava, inputs, build("none"), do_sample=True, top_k=0)
+    assert torch.equal(ref, out)
+
+
+@pytest.mark.parametrize("name", pruners.available())
+def test_batched_equals_one_by_one(tiny_llava, name):
+    inputs = make_inputs(tiny_llava, [3, 9], seed=1)
+    batched = generate(tiny_llava, inputs, build(name))
+    for i in range(2):
+        alone = generate(tiny_llava, slice_inputs(inputs, i), build(name))
+        assert torch.equal(batched[i], alone[0]), f"{name}: sample {i} differs when batched"
+
+
+@pytest.mark.parametrize("name", pruners.available())
+def test_model_restored_after_attach(name):
+    model = make_llava(seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = make_inputs(model, [4, 6])
+    ref = generate(model, inputs)
+    hooks = {name: dict(m._forward_hooks) for name, m in model.named_modules()}  # HF installs its own
+    generate(model, inputs, build(name))
+    assert "forward" not in vars(model.model) and "get_image_features" not in vars(model.model)
+    assert {name: dict(m._forward_hooks) for name, m in model.named_modules()} == hooks
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(generate(model, inputs), ref)
+
+
+@pytest.mark.parametrize("name", [n for n in pruners.available() if n != "none"])
+def test_visual_tokens_equal_budget(tiny_llava, name):
+    inputs = make_inputs(tiny_llava, [3, 9])
+    with torch.no_grad(), pruners.attach(tiny_llava, build(name)) as report:
+        tiny_llava.generate(**inputs, max_new_tokens=2, do_sample=False)
+    stats = report.as_dict()
+    assert stats["visual_tokens"] == BUDGET
+    assert stats["num_samples"] == 2
+    assert stats["prefill_flops"] > 0 and stats["kv_cache_bytes"] > 0
+
+
+def test_pruned_layer_cache_is_shorter(tiny_llava):
+    inputs = make_inputs(tiny_llava, [5])
+    with torch.no_grad(), pruners.attach(tiny_llava, pruners.build("fastv", budget=16, k=2)) as report:
+        cache = tiny_llava(**inputs, use_cache=True).past_key_values
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    assert lengths[0] == lengths[1] == inputs["input_ids"].shape[1]
+    assert lengths[2] == lengths[3] == inputs["input_ids"].shape[1] - (64 - 16)
+    per_layer = report.as_dict()["kv_cache_bytes_per_layer"]
+    assert per_layer[2] < per_layer[1]
+
+
+def test_unsupported_family_is_rejected():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=10))
+    with pytest.raises(ValueError, match="LlamaForCausalLM is not supported; supported: LlavaForConditionalGeneration"):
+        with pruners.attach(lm, pruners.build("none")):
+            pass
+
+
+def test_budget_out_of_range_is_rejected(tiny_llava):
+    with pytest.raises(ValueError, match=r"budget 65 is out of range .* allowed 1\.\.64"):
+        with pruners.attach(tiny_llava, pruners.build("fastv", budget=65)):
+            pass
+    assert "forward" not in vars(tiny_llava.model)
