@@ -49,13 +49,15 @@ class EfficiencyReport:
         self.samples: list[SampleRecord] = []
         self.prefill_ms: list[float] = []
         self.decode_ms: list[float] = []
+        self.pruner_ms: list[float] = []  # per prefill: time inside pruner hooks
         self._live: list[SampleRecord] = []  # samples of the generation in progress
 
     # -- recording (called by the runtime) ---------------------------------------------------
-    def add_prefill(self, records: list[SampleRecord], ms: float) -> None:
+    def add_prefill(self, records: list[SampleRecord], ms: float, pruner_ms: float = 0.0) -> None:
         self.samples.extend(records)
         self._live = records
         self.prefill_ms.append(ms)
+        self.pruner_ms.append(pruner_ms)
 
     def add_decode_step(self, ms: float) -> None:
         self.decode_ms.append(ms)
@@ -106,9 +108,28 @@ class EfficiencyReport:
                 fmean(r.kv_bytes_per_layer[i] for r in s) for i in range(len(s[0].kv_bytes_per_layer))
             ],
             "prefill_latency_ms": fmean(self.prefill_ms) if self.prefill_ms else 0.0,
+            "pruner_latency_ms": fmean(self.pruner_ms) if self.pruner_ms else 0.0,
             "decode_latency_ms_per_token": fmean(self.decode_ms) if self.decode_ms else 0.0,
             "num_prefills": len(self.prefill_ms),
         }
+
+
+class Stopwatch:
+    """Accumulates the time spent in pruner hooks (scoring, matching, merging)."""
+
+    def __init__(self) -> None:
+        self.ms = 0.0
+
+    def run(self, fn, *args):
+        device = args[0].hidden.device if hasattr(args[0], "hidden") else torch.device("cpu")
+        with Timer(device) as t:
+            out = fn(*args)
+        self.ms += t.ms
+        return out
+
+    def take(self) -> float:
+        ms, self.ms = self.ms, 0.0
+        return ms
 
 
 class Timer:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..base import Pruner, Stage, TokenState
 from ..ops import attention_rows
+from ..report import Stopwatch
 from .capture import ProjectionCapture
 
 
@@ -155,10 +156,11 @@ class Sequence:
 class DecoderRunner:
     """Runs a LLaMA-style decoder (embed -> layers -> norm) with pruner hooks."""
 
-    def __init__(self, lm: nn.Module, pruner: Pruner, capture: ProjectionCapture) -> None:
+    def __init__(self, lm: nn.Module, pruner: Pruner, capture: ProjectionCapture, clock: Stopwatch) -> None:
         self.lm = lm
         self.pruner = pruner
         self.capture = capture
+        self.clock = clock
         self.layers = list(lm.layers[: lm.config.num_hidden_layers])
         self.hook_layers = set(pruner.llm_layers) if Stage.LLM_LAYER in pruner.stages else set()
         self.implementation = lm.config._attn_implementation
@@ -196,7 +198,7 @@ class DecoderRunner:
             sizes=torch.ones_like(seq.valid, dtype=seq.hidden.dtype), stage=Stage.LLM_LAYER, layer=i, grid=grid,
             num_images=seq.num_images, probe=probe, extras={"keys": probe.key},
         )
-        new = self.pruner.llm_layer(state)
+        new = self.clock.run(self.pruner.llm_layer, state)
         self.capture.clear()
         if new is state:
             return None

@@ -24,7 +24,7 @@ from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
 from ..base import ModelInfo, Pruner, Stage, TokenState
 from ..flops import DecoderShape
 from ..ops import compact_index
-from ..report import EfficiencyReport, SampleRecord, Timer, VisionShape
+from ..report import EfficiencyReport, SampleRecord, Stopwatch, Timer, VisionShape
 from .capture import ProjectionCapture
 from .decoder import DecodeCache, DecoderRunner, LayerSlots, Sequence
 from .vision import VisionProbe, VisionRunner
@@ -59,9 +59,10 @@ class LlavaRuntime:
         self.image_token_id = cfg.image_token_id
         self.full_strategy = cfg.vision_feature_select_strategy == "full"
         self.capture = ProjectionCapture()
+        self.clock = Stopwatch()
         self.vision = VisionRunner(self.core.vision_tower, pruner, self.capture, self.info.vision_feature_layer,
-                                   self.info.grid)
-        self.decoder = DecoderRunner(self.core.language_model, pruner, self.capture)
+                                   self.info.grid, self.clock)
+        self.decoder = DecoderRunner(self.core.language_model, pruner, self.capture, self.clock)
         proj = self.core.multi_modal_projector
         self.report = EfficiencyReport(
             pruner.name, DecoderShape.from_config(cfg.text_config),
@@ -131,7 +132,7 @@ class LlavaRuntime:
         self._gen = {"cache": cache, "slots": slots, "length": length, "step": 0,
                      "shift": valid.sum(-1) - final.valid.sum(-1) if self.pruner.renumber_positions else None}
         records = self._records(vision_counts, proj_tokens, counts, image_mask)
-        self.report.add_prefill(records, timer.ms)
+        self.report.add_prefill(records, timer.ms, self.clock.take())
         if cache is not None:
             self.report.update_kv(self._kv_bytes(cache, slots), prefill=True)
         return LlavaModelOutputWithPast(last_hidden_state=out, past_key_values=cache)
@@ -144,7 +145,8 @@ class LlavaRuntime:
         bsz, q = input_ids.shape
         with Timer(device) as timer:
             if Stage.DECODE in self.pruner.stages:
-                self.pruner.decode(DecodeCache(cache, gen["slots"], gen["step"]))
+                self.clock.run(self.pruner.decode, DecodeCache(cache, gen["slots"], gen["step"]))
+                self.clock.take()
             origin = (gen["length"] + torch.arange(q, device=device)).expand(bsz, q)
             if position_ids is None:
                 position_ids = origin  # HF's default: past length + arange, in input coordinates
@@ -200,7 +202,7 @@ class LlavaRuntime:
             if layer is not None:
                 state.extras["vision_hidden"] = features.hidden
                 state.extras["vision_attention"] = _LazyVisionProbe(layer, features)
-            state = self.pruner.vision_output(state)
+            state = self.clock.run(self.pruner.vision_output, state)
         return state, counts
 
     @staticmethod

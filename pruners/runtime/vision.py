@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..base import Pruner, Stage, TokenState
 from ..ops import attention_rows
+from ..report import Stopwatch
 from .capture import ProjectionCapture
 
 
@@ -53,10 +54,11 @@ class VisionProbe:
 
 class VisionRunner:
     def __init__(self, tower: nn.Module, pruner: Pruner, capture: ProjectionCapture, feature_layer: int,
-                 grid: tuple[int, int]) -> None:
+                 grid: tuple[int, int], clock: Stopwatch) -> None:
         self.tower = tower
         self.pruner = pruner
         self.capture = capture
+        self.clock = clock
         self.layers = list(tower.encoder.layers)
         self.feature_layer = feature_layer
         self.grid = grid
@@ -98,6 +100,6 @@ class VisionRunner:
     def _hook(self, i: int, state: TokenState, layer: nn.Module) -> TokenState:
         q, k = self.capture.get(layer.self_attn)
         probe = VisionProbe(layer, q, k, state.valid)
-        new = self.pruner.vision_layer(state.replace(layer=i, probe=probe, extras={"keys": probe.key}))
+        new = self.clock.run(self.pruner.vision_layer, state.replace(layer=i, probe=probe, extras={"keys": probe.key}))
         self.capture.clear()
         return new.replace(stage=Stage.VISION_LAYER, layer=None, probe=None, extras={})

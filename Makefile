@@ -1,0 +1,40 @@
+# vtprune: `make help` lists the targets. Every target creates .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo test test-slow bench lint format clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+# torch first, from the CPU wheel: a plain torch requirement would pull CUDA packages.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv (torch CPU wheel, then vtprune in editable mode)
+
+demo: $(STAMP) ## Main job: validate the seed pruners on the embedded default (ARGS= extra flags)
+	$(BIN)/python scripts/demo.py $(ARGS)
+
+test: $(STAMP) ## Run the default test suite (< 10 min on 2 cores)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-slow: $(STAMP) ## Run the slow checks (pytest -m slow)
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+bench: $(STAMP) ## Prefill speed/memory of pruners vs none on a LLaVA-1.5-shaped model
+	$(BIN)/python scripts/bench_speed.py $(ARGS)
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check .
+
+clean: ## Remove caches and run folders (keeps .venv)
+	rm -rf .cache runs lightning_logs .pytest_cache .ruff_cache
