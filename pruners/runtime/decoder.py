@@ -163,6 +163,10 @@ class DecoderRunner:
         self.clock = clock
         self.layers = list(lm.layers[: lm.config.num_hidden_layers])
         self.hook_layers = set(pruner.llm_layers) if Stage.LLM_LAYER in pruner.stages else set()
+        bad = sorted(i for i in self.hook_layers if not 0 <= i < len(self.layers) - 1)
+        if bad:
+            raise ValueError(f"{pruner.name}: LLM layer hooks {bad} out of range: allowed 0..{len(self.layers) - 2} "
+                             "(a cut after the last layer would change nothing)")
         self.implementation = lm.config._attn_implementation
         if self.implementation not in SUPPORTED_ATTENTION:
             raise ValueError(f"attention implementation {self.implementation!r} is not supported by the runtime; "

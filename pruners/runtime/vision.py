@@ -65,6 +65,10 @@ class VisionRunner:
         active = Stage.VISION_LAYER in pruner.stages
         self.hook_layers = set(pruner.vision_layers) if active else set()
         self.mid = active and pruner.vision_hook_point == "attn"
+        late = sorted(i for i in self.hook_layers if not 0 <= i < feature_layer)
+        if late:
+            raise ValueError(f"{pruner.name}: vision layer hooks {late} out of range: allowed 0..{feature_layer - 1} "
+                             f"(layers whose output reaches the LLM; features are the input of layer {feature_layer})")
 
     def initial_state(self, pixel_values: Tensor) -> TokenState:
         hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values))

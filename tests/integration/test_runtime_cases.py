@@ -1,0 +1,85 @@
+"""Runtime cases beyond the oracles: text-only input, several images, renumbered positions, bad hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_inputs, make_llava, slice_inputs
+
+import pruners
+from pruners.base import Pruner, Stage
+from pruners.ops import compact_index
+
+
+def greedy(model, inputs, pruner, n=4):
+    with torch.no_grad(), pruners.attach(model, pruner) as report:
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False)[:, -n:]
+    return out, report.as_dict()
+
+
+def test_text_only_input_matches_hf(tiny_llava):
+    inputs = make_inputs(tiny_llava, [4, 7])
+    text = inputs["input_ids"].clone()
+    text[text == tiny_llava.config.image_token_id] = 5
+    batch = {"input_ids": text, "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        ref = tiny_llava.generate(**batch, max_new_tokens=4, do_sample=False)[:, -4:]
+    out, stats = greedy(tiny_llava, batch, pruners.build("fastv", budget=8))
+    assert torch.equal(out, ref)
+    assert stats["visual_tokens"] == 0
+
+
+@pytest.mark.parametrize("name", ["fastv", "pool"])
+def test_two_images_per_sample_batched_equals_alone(tiny_llava, name):
+    inputs = make_inputs(tiny_llava, [3, 8], images_per_sample=2)
+    batched, stats = greedy(tiny_llava, inputs, pruners.build(name, budget=16))
+    assert stats["visual_tokens"] == 32  # budget per image
+    for i in range(2):
+        alone, _ = greedy(tiny_llava, slice_inputs(inputs, i, images_per_sample=2), pruners.build(name, budget=16))
+        assert torch.equal(batched[i], alone[0])
+
+
+def test_image_count_mismatch_is_a_clear_error(tiny_llava):
+    inputs = make_inputs(tiny_llava, [3])
+    inputs["pixel_values"] = torch.cat([inputs["pixel_values"]] * 2)
+    with pytest.raises(ValueError, match="hold 64 image tokens for 2 image"):
+        greedy(tiny_llava, inputs, pruners.build("none"))
+
+
+class DropAllVisual(Pruner):
+    """Test pruner: after layer 0 drop every visual token, renumbering positions contiguously."""
+
+    name = "test-drop-all"
+    stages = frozenset({Stage.LLM_LAYER})
+    renumber_positions = True
+
+    def __init__(self):
+        super().__init__()
+        self.llm_layers = (0, 1)
+        self.positions = None
+
+    def llm_layer(self, state):
+        if state.layer == 1:
+            self.positions = state.positions.clone(), state.valid.clone()
+            return state
+        return state.keep(compact_index(state.valid & ~state.visual))
+
+
+def test_renumbered_positions_are_contiguous():
+    model = make_llava(seed=4)
+    inputs = make_inputs(model, [3, 6])
+    pruner = DropAllVisual()
+    out, stats = greedy(model, inputs, pruner)
+    positions, valid = pruner.positions
+    for b in range(2):
+        assert positions[b][valid[b]].tolist() == list(range(int(valid[b].sum())))
+    assert stats["visual_tokens_per_layer"] == [64, 0, 0, 0]
+    assert out.shape == (2, 4)
+
+
+def test_hooks_outside_the_model_are_rejected(tiny_llava):
+    bad = DropAllVisual()
+    bad.llm_layers = (3,)
+    with pytest.raises(ValueError, match=r"LLM layer hooks \[3\] out of range: allowed 0\.\.2"):
+        with pruners.attach(tiny_llava, bad):
+            pass
