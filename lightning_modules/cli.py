@@ -1,0 +1,71 @@
+"""`vtprune`: the LightningCLI over `PrunedMLLM` and any `BenchmarkDataModule`.
+
+    vtprune validate -c configs/experiment/demo.yaml
+    vtprune validate -c configs/experiment/demo.yaml --model.pruner=fastv --model.pruner.budget=64
+
+`--model.pruner=NAME` takes a pruner registry name (see `pruner_names`); later `-c` files override
+earlier ones; YAML files may use OmegaConf interpolation.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from . import pruner_names
+from .datamodule import BenchmarkDataModule, JsonlBenchmark  # noqa: F401  (JsonlBenchmark: resolvable by name)
+from .module import PrunedMLLM
+
+RICH_BAR = "pytorch_lightning.callbacks.RichProgressBar"
+
+
+class VtpruneParser(LightningArgumentParser):
+    """Adds the list of pruners and their arguments to any parse error about the pruner."""
+
+    def _load_config_parser_mode(self, content: str, *args, **kwargs):
+        # Config files may name hyphenated pruners ("ficoco-v"); see pruner_names.
+        return super()._load_config_parser_mode(pruner_names.normalize_config_text(content), *args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        if "pruner" in message:
+            message = f"{message}\n{pruner_names.describe()}"
+        super().error(message, ex)
+
+
+class VtpruneCLI(LightningCLI):
+    def instantiate_classes(self) -> None:
+        # A budget that does not fit the model, or a missing model folder, is a configuration
+        # error: report it like a parse error (usage + message, exit 2), not as a traceback.
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as err:
+            self.parser.error(str(err), err)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"trainer.callbacks": [{"class_path": RICH_BAR}]})
+
+    def before_instantiate_classes(self) -> None:
+        # The rich bar is a default, so switching the bar off must drop it (Lightning refuses both).
+        trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+        if trainer.enable_progress_bar is False and trainer.callbacks:
+            trainer.callbacks = [c for c in trainer.callbacks if c.class_path != RICH_BAR]
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the `vtprune` console script; `args` replaces sys.argv[1:] (for tests)."""
+    pruner_names.define_aliases()  # cover pruners registered after this package was imported
+    VtpruneCLI(
+        PrunedMLLM,
+        BenchmarkDataModule,
+        subclass_mode_data=True,
+        parser_class=VtpruneParser,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        args=pruner_names.normalize_argv(sys.argv[1:] if args is None else list(args)),
+    )
+
+
+if __name__ == "__main__":
+    main()

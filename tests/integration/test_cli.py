@@ -1,0 +1,137 @@
+"""`vtprune` end to end: validate with every built-in pruner, pruner resolution and errors, config parsing."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import pruners
+from data.tiny_llava import write_tiny_dataset, write_tiny_llava
+from lightning_modules.cli import main
+from pruners.methods.pool import PoolPruner
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEMO = str(CONFIGS / "experiment" / "demo.yaml")
+SIZE, BUDGET = 112, 16  # 64 visual tokens per image, pruned to 16
+REQUIRED = [
+    "pruner", "budget", "model", "benchmark", "accuracy", "accuracy_by_task", "visual_tokens",
+    "prefill_flops", "kv_cache_bytes", "prefill_latency_ms", "num_samples",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A VTPRUNE_CACHE folder with the demo model and four questions (one batch)."""
+    root = tmp_path_factory.mktemp("cache")
+    write_tiny_llava(root / "demo" / "model", image_size=SIZE, seed=0)
+    write_tiny_dataset(root / "demo" / "data", n=4, image_size=SIZE, seed=0)
+    return root
+
+
+@pytest.fixture
+def demo(cache, monkeypatch, tmp_path):
+    """Runs `vtprune validate -c demo.yaml ARGS` on the test cache; returns results.json as a dict."""
+    monkeypatch.setenv("VTPRUNE_CACHE", str(cache))  # demo.yaml reads its folders through this
+
+    def run(*args: str) -> dict:
+        main(["validate", "-c", DEMO, f"--trainer.default_root_dir={tmp_path}", *args])
+        (path,) = tmp_path.rglob("results.json")
+        assert (path.parent / "predictions.jsonl").is_file()
+        return json.loads(path.read_text())
+
+    return run
+
+
+@pytest.mark.parametrize("name", ["none", "fastv", "pool", "random", "tome"])
+def test_validate_writes_results(demo, capsys, name):
+    budget = [] if name == "none" else [f"--model.pruner.budget={BUDGET}"]
+    results = demo(f"--model.pruner={name}", *budget)
+    assert [key for key in REQUIRED if key not in results] == []
+    assert results["pruner"] == name and results["num_samples"] == 4
+    assert results["visual_tokens"] == (64 if name == "none" else BUDGET)
+    assert 0.0 <= results["accuracy"] <= 1.0 and set(results["accuracy_by_task"]) == {"color", "shape", "count"}
+    assert "results: " in capsys.readouterr().out
+
+
+def test_pruner_swapped_by_a_yaml_line(demo, tmp_path):
+    swap = tmp_path / "swap.yaml"
+    swap.write_text("model:\n  pruner: pool\n")
+    results = demo("-c", str(swap), "--trainer.enable_progress_bar=false")  # the default rich bar steps aside
+    assert results["pruner"] == "pool" and results["visual_tokens"] == 16  # pool's default: a quarter
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.pruner=fastx"], "fastx"),
+        (["--model.pruner=fastv", "--model.pruner.budgt=3"], "budgt"),
+    ],
+)
+def test_bad_pruner_stops_before_work_and_lists_what_is_allowed(demo, capsys, tmp_path, args, message):
+    with pytest.raises(SystemExit) as info:
+        demo(*args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "known pruners" in err
+    assert "fastv: budget=None" in err and "random: budget=None, seed=0" in err
+    assert not list(tmp_path.rglob("*.csv"))  # no run started
+
+
+def test_budget_beyond_the_model_is_a_clear_error(demo, capsys):
+    with pytest.raises(SystemExit):
+        demo("--model.pruner=pool", "--model.pruner.budget=65")
+    assert "allowed 1..64" in capsys.readouterr().err
+
+
+def test_model_folder_errors(demo, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        demo(f"--model.model_name_or_path={tmp_path / 'missing'}")
+    assert f"model folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(SystemExit):
+        demo(f"--model.model_name_or_path={llama}")
+    err = capsys.readouterr().err
+    assert str(llama) in err and "LlamaForCausalLM" in err and "LlavaForConditionalGeneration" in err
+
+
+def printed_config(capsys, *configs: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(["validate", *[arg for c in configs for arg in ("-c", c)], "--print_config"])
+    assert info.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")))
+def test_every_config_parses(capsys, path):
+    text = (CONFIGS / path).read_text()
+    assert text.startswith("# vtprune "), "each config starts with the command that runs it"
+    printed = printed_config(capsys, DEMO, str(CONFIGS / path))
+    assert "model_name_or_path" in printed
+
+
+def test_later_configs_override_earlier_ones(capsys):
+    random, fastv = str(CONFIGS / "pruner" / "random.yaml"), str(CONFIGS / "pruner" / "fastv.yaml")
+    pruner = yaml.safe_load(printed_config(capsys, DEMO, random, fastv))["model"]["pruner"]
+    assert pruner["class_path"] == "lightning_modules.pruner_names.fastv"
+    assert pruner["init_args"]["budget"] == 64 and "seed" not in pruner["init_args"]  # random's own argument went
+
+
+class HyphenPool(PoolPruner):
+    """Pool under a hyphenated name, registered only inside the test below."""
+
+    name = "test-pool-x"
+
+
+def test_hyphenated_pruner_names_resolve(demo, tmp_path, monkeypatch):
+    """Registry names such as "ficoco-v" are not identifiers; the CLI still takes them, in argv and YAML."""
+    monkeypatch.setitem(pruners.registry._REGISTRY, HyphenPool.name, HyphenPool)
+    results = demo("--model.pruner=test-pool-x", f"--model.pruner.budget={BUDGET}")
+    assert results["pruner"] == "test-pool-x" and results["visual_tokens"] == BUDGET
+    for path in tmp_path.rglob("results.json"):
+        path.unlink()
+    swap = tmp_path / "hyphen.yaml"
+    swap.write_text("model:\n  pruner:\n    class_path: test-pool-x\n    init_args:\n      budget: 4\n")
+    assert demo("-c", str(swap))["visual_tokens"] == 4
