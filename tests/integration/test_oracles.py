@@ -117,3 +117,21 @@ def test_budget_out_of_range_is_rejected(tiny_llava):
         with pruners.attach(tiny_llava, pruners.build("fastv", budget=65)):
             pass
     assert "forward" not in vars(tiny_llava.model)
+
+
+@pytest.mark.parametrize("name", [n for n in pruners.available() if n != "none"])
+def test_every_accepted_budget_runs_and_is_met(tiny_llava, name):
+    """Each budget 1..64 either is rejected at attach with a ValueError or is met exactly."""
+    inputs = make_inputs(tiny_llava, [2, 4])
+    accepted = 0
+    for budget in range(1, 65):
+        try:
+            with torch.no_grad(), pruners.attach(tiny_llava, pruners.build(name, budget=budget)) as report:
+                tiny_llava(**inputs)
+        except ValueError as err:
+            message = str(err)
+            assert str(budget) in message and ("allowed" in message or "nearest" in message), message
+            continue
+        accepted += 1
+        assert report.as_dict()["visual_tokens"] == budget, f"{name} at budget {budget}"
+    assert accepted >= 10
