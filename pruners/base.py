@@ -174,13 +174,19 @@ class Pruner(nn.Module):
         if budget is not None and budget < 1:
             raise ValueError(f"{self.name}: budget must be at least 1, got {budget}")
         self.budget = budget
+        self._budget_arg = budget  # what the user asked for; `setup` may resolve `budget` from it
         self.vision_layers: tuple[int, ...] = ()
         self.vision_hook_point = "block"
         self.llm_layers: tuple[int, ...] = ()
         self.info: ModelInfo | None = None
 
     def setup(self, info: ModelInfo) -> None:
-        """Called by `attach` once the model is known: check the budget, fix layer schedules."""
+        """Called by `attach` once the model is known: check the budget, fix layer schedules.
+
+        Starts from the budget the user gave, so a second setup (another model) does not inherit
+        a count a subclass resolved for the previous one.
+        """
+        self.budget = self._budget_arg
         if self.budget is not None and not 1 <= self.budget <= info.visual_tokens:
             raise ValueError(
                 f"{self.name}: budget {self.budget} is out of range for this model: "

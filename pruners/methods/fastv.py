@@ -58,11 +58,9 @@ class FastV(Pruner):
         if scoring not in SCORINGS:
             raise ValueError(f"fastv: scoring must be one of {SCORINGS}, got {scoring!r}")
         self.k, self.ratio, self.scoring = k, float(ratio), scoring
-        self._budget_arg = budget
         self.llm_layers = (k - 1,)
 
     def setup(self, info: ModelInfo) -> None:
-        self.budget = self._budget_arg  # a second setup (another model) starts from the argument again
         super().setup(info)
         if self.k > info.llm_layers - 1:
             raise ValueError(

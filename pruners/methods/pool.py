@@ -56,11 +56,9 @@ class PoolPruner(Pruner):
 
     def __init__(self, budget: int | None = None) -> None:
         super().__init__(budget)
-        self._budget_arg = budget
         self.out_grid: tuple[int, int] | None = None
 
     def setup(self, info: ModelInfo) -> None:
-        self.budget = self._budget_arg  # a second setup (another model) starts from the argument again
         super().setup(info)
         rows, cols = info.grid
         if self.budget is None:
@@ -81,10 +79,7 @@ class PoolPruner(Pruner):
         patches = torch.arange(n, device=state.hidden.device)
         if n != rows * cols or not state.valid.all() or not (state.positions == patches).all():
             raise ValueError(f"pool: needs the full {rows}x{cols} patch grid in patch order, got {n} tokens")
-        out = choose_grid(self.budget, (rows, cols))
-        if out is None:
-            raise ValueError(f"pool: budget {self.budget} does not fit the {rows}x{cols} patch grid")
-        h, w = out
+        h, w = self.out_grid  # chosen in setup for this model's grid
         # Pool in float32 so low-precision features are averaged without extra rounding.
         image = state.hidden.float().view(bsz, rows, cols, dim).permute(0, 3, 1, 2)
         pooled = F.adaptive_avg_pool2d(image, (h, w)).flatten(2).transpose(1, 2).to(state.hidden.dtype)

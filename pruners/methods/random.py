@@ -38,11 +38,9 @@ class RandomPruner(Pruner):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"random: seed must be a non-negative int, got {seed!r}")
         self.seed = seed
-        self._budget_arg = budget
         self._scores: dict[int, Tensor] = {}
 
     def setup(self, info: ModelInfo) -> None:
-        self.budget = self._budget_arg  # a second setup (another model) starts from the argument again
         super().setup(info)
         if self.budget is None:
             self.budget = max(1, info.visual_tokens // 4)

@@ -88,12 +88,10 @@ class ToMe(Pruner):
         if budget is not None and r is not None:
             raise ValueError(f"tome: give budget ({budget}) or r ({r}), not both")
         self.r = r
-        self._budget_arg = budget
         self.vision_hook_point = "attn"
         self.schedule: dict[int, int] = {}
 
     def setup(self, info: ModelInfo) -> None:
-        self.budget = self._budget_arg  # a second setup (another model) starts from the argument again
         super().setup(info)
         n, layers = info.visual_tokens, info.vision_feature_layer
         if self.budget is not None:

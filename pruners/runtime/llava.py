@@ -145,8 +145,7 @@ class LlavaRuntime:
         bsz, q = input_ids.shape
         with Timer(device) as timer:
             if Stage.DECODE in self.pruner.stages:
-                self.clock.run(self.pruner.decode, DecodeCache(cache, gen["slots"], gen["step"]))
-                self.clock.take()
+                self.pruner.decode(DecodeCache(cache, gen["slots"], gen["step"]))  # inside the step's timer
             origin = (gen["length"] + torch.arange(q, device=device)).expand(bsz, q)
             if position_ids is None:
                 position_ids = origin  # HF's default: past length + arange, in input coordinates
