@@ -240,7 +240,8 @@ def _background(gen: np.random.Generator) -> np.ndarray:
     return img + amp * tex[..., None]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, obj: Obj, rgb: tuple[int, int, int]) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, obj: Obj, rgb: tuple[int, int, int] | int) -> None:
+    """Fill `obj`'s shape with `rgb` (an int for single-band images, as the object masks use)."""
     x0, y0 = obj.x, obj.y
     x1, y1 = x0 + obj.size - 1, y0 + obj.size - 1  # PIL boxes include their last pixel
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -272,6 +273,17 @@ def _draw_shape(draw: ImageDraw.ImageDraw, obj: Obj, rgb: tuple[int, int, int]) 
         raise ValueError(f"unknown shape {obj.shape!r}; known: {SHAPES}")
 
 
+def char_boxes(text: Text) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """Each character of a label with the box (x0, y0, x1, y1, half-open) of its column in the label."""
+    x0, y0, _, y1 = text.box
+    x, out = x0 + LABEL_PAD, []
+    for char in text.text:
+        width = glyph_width(char, text.font_size)
+        out.append((char, (x, y0 + LABEL_PAD, x + width, y1 - LABEL_PAD)))
+        x += width + CHAR_GAP
+    return out
+
+
 def _draw_label(draw: ImageDraw.ImageDraw, text: Text) -> None:
     ink, paper = ((15, 15, 15), (250, 250, 250)) if text.dark_on_light else ((250, 250, 250), (15, 15, 15))
     x0, y0, x1, y1 = text.box
@@ -293,7 +305,7 @@ def render(objects: list[Obj], text: Text | None, seed: int, noise: float = 4.0)
     draw = ImageDraw.Draw(image)
     for obj in objects:
         rgb = tuple(int(v) for v in np.clip(np.array(COLORS[obj.color]) + gen.integers(-12, 13, 3), 0, 255))
-        _draw_shape(draw, obj, rgb)
+        draw_shape(draw, obj, rgb)
     if text is not None:
         _draw_label(draw, text)
     # Per-pixel noise is incompressible: it makes a PNG about 190 kB (35 kB without), the price of

@@ -112,28 +112,34 @@ def build_tiny_llava(
     pad_token_id: int = 0,
     bos_token_id: int = 2,
     eos_token_id: int = 3,
+    vision_width: int = 32,
+    vision_mlp: int = 64,
+    llm_width: int = 64,
+    llm_mlp: int = 128,
+    llm_kv_heads: int = 2,
 ) -> LlavaForConditionalGeneration:
     """A randomly initialised LLaVA-1.5-shaped model, small enough for CPU tests.
 
     The defaults leave room for every built-in pruner: LLaVA feeds the LLM from the second-to-last
     vision layer, so 5 vision layers give ToMe 4 merge steps (576 -> 64 at most halves 4 times), and
-    4 LLM layers leave FastV's default cut (after layer 1) layers to act on.
+    4 LLM layers leave FastV's default cut (after layer 1) layers to act on. The widths default to
+    the test models'; the trained checkpoint (`data.shapes_llava`) is wider. 4 heads everywhere.
     """
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=vision_width,
+        intermediate_size=vision_mlp,
         num_hidden_layers=vision_layers,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=PATCH_SIZE,
-        projection_dim=32,
+        projection_dim=vision_width,
     )
     text = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=llm_width,
+        intermediate_size=llm_mlp,
         num_hidden_layers=llm_layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=llm_kv_heads,
         vocab_size=vocab_size,
         max_position_embeddings=2048,
         pad_token_id=pad_token_id,

@@ -5,6 +5,11 @@
 
 `--model.pruner=NAME` takes a pruner registry name (see `pruner_names`); later `-c` files override
 earlier ones; YAML files may use OmegaConf interpolation.
+
+`vtprune fit` trains any LightningModule, named by `model.class_path` in its config:
+
+    vtprune fit -c configs/experiment/train_tiny_llava_vision.yaml   # VisionPretraining
+    vtprune fit -c configs/experiment/train_tiny_llava.yaml          # QAFinetuning
 """
 
 from __future__ import annotations
@@ -14,8 +19,13 @@ import sys
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from . import pruner_names
-from .datamodule import BenchmarkDataModule, JsonlBenchmark  # noqa: F401  (JsonlBenchmark: resolvable by name)
+
+# Imported so that configs can name these classes without their module path.
+from .datamodule import BenchmarkDataModule, JsonlBenchmark  # noqa: F401
 from .module import PrunedMLLM
+from .qa_finetuning import QAFinetuning  # noqa: F401
+from .shapes_data import ShapesBenchmark  # noqa: F401
+from .vision_pretraining import VisionPretraining  # noqa: F401
 
 RICH_BAR = "pytorch_lightning.callbacks.RichProgressBar"
 
@@ -55,15 +65,19 @@ class VtpruneCLI(LightningCLI):
 def main(args: ArgsType = None) -> None:
     """Entry point of the `vtprune` console script; `args` replaces sys.argv[1:] (for tests)."""
     pruner_names.define_aliases()  # cover pruners registered after this package was imported
+    args = pruner_names.normalize_argv(sys.argv[1:] if args is None else list(args))
+    # fit trains whatever module its config names; validate and test evaluate a PrunedMLLM.
+    fit = bool(args) and args[0] == "fit"
     VtpruneCLI(
-        PrunedMLLM,
+        None if fit else PrunedMLLM,
         BenchmarkDataModule,
+        subclass_mode_model=fit,
         subclass_mode_data=True,
         parser_class=VtpruneParser,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
-        args=pruner_names.normalize_argv(sys.argv[1:] if args is None else list(args)),
+        args=args,
     )
 
 

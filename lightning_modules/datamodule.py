@@ -91,15 +91,21 @@ class BenchmarkDataModule(pl.LightningDataModule, abc.ABC):
             raise RuntimeError("call setup() before reading tasks")
         return sorted({r.task for r in self.records})
 
+    collate = staticmethod(collate)  # batches of the val/test loaders
+
+    def eval_dataset(self) -> Dataset:
+        """The dataset behind the val and test loaders: the records with their images opened."""
+        return RecordDataset(self.records)
+
     def _loader(self) -> DataLoader:
         if self.records is None:
             self.setup()
         return DataLoader(
-            RecordDataset(self.records),
+            self.eval_dataset(),
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=collate,
+            collate_fn=self.collate,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -21,21 +21,26 @@ REQUIRED = [
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A VTPRUNE_CACHE folder with the demo model and four questions (one batch)."""
-    root = tmp_path_factory.mktemp("cache")
-    write_tiny_llava(root / "demo" / "model", image_size=SIZE, seed=0)
-    write_tiny_dataset(root / "demo" / "data", n=4, image_size=SIZE, seed=0)
-    return root
+def tiny_config(tmp_path_factory) -> str:
+    """A config like demo.yaml over a 112-px random tiny LLaVA and four jsonl questions (one batch)."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_llava(root / "model", image_size=SIZE, seed=0)
+    write_tiny_dataset(root / "data", n=4, image_size=SIZE, seed=0)
+    config = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true"},
+        "model": {"model_name_or_path": str(root / "model"), "pruner": "none", "max_new_tokens": 8},
+        "data": {"class_path": "JsonlBenchmark", "init_args": {"root": str(root / "data"), "batch_size": 4}},
+    }
+    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return str(root / "tiny.yaml")
 
 
 @pytest.fixture
-def demo(cache, monkeypatch, tmp_path):
-    """Runs `vtprune validate -c demo.yaml ARGS` on the test cache; returns results.json as a dict."""
-    monkeypatch.setenv("VTPRUNE_CACHE", str(cache))  # demo.yaml reads its folders through this
+def demo(tiny_config, tmp_path):
+    """Runs `vtprune validate -c tiny.yaml ARGS`; returns results.json as a dict."""
 
     def run(*args: str) -> dict:
-        main(["validate", "-c", DEMO, f"--trainer.default_root_dir={tmp_path}", *args])
+        main(["validate", "-c", tiny_config, f"--trainer.default_root_dir={tmp_path}", *args])
         (path,) = tmp_path.rglob("results.json")
         assert (path.parent / "predictions.jsonl").is_file()
         return json.loads(path.read_text())
@@ -97,9 +102,9 @@ def test_model_folder_errors(demo, capsys, tmp_path):
     assert str(llama) in err and "LlamaForCausalLM" in err and "LlavaForConditionalGeneration" in err
 
 
-def printed_config(capsys, *configs: str) -> str:
+def printed_config(capsys, *configs: str, command: str = "validate") -> str:
     with pytest.raises(SystemExit) as info:
-        main(["validate", *[arg for c in configs for arg in ("-c", c)], "--print_config"])
+        main([command, *[arg for c in configs for arg in ("-c", c)], "--print_config"])
     assert info.value.code in (0, None)
     return capsys.readouterr().out
 
@@ -108,8 +113,12 @@ def printed_config(capsys, *configs: str) -> str:
 def test_every_config_parses(capsys, path):
     text = (CONFIGS / path).read_text()
     assert text.startswith("# vtprune "), "each config starts with the command that runs it"
-    printed = printed_config(capsys, DEMO, str(CONFIGS / path))
-    assert "model_name_or_path" in printed
+    if text.startswith("# vtprune fit"):  # training configs name their own module
+        printed = printed_config(capsys, str(CONFIGS / path), command="fit")
+        assert "class_path" in yaml.safe_load(printed)["model"]
+    else:
+        printed = printed_config(capsys, DEMO, str(CONFIGS / path))
+        assert "model_name_or_path" in printed
 
 
 def test_later_configs_override_earlier_ones(capsys):

@@ -1,0 +1,101 @@
+"""Stage 2 of the tiny LLaVA: the vision tower frozen, projector and decoder learn to answer.
+
+As LLaVA's instruction tuning: the CLIP tower from stage 1 (`lightning_modules.vision_pretraining`)
+is frozen; the projector and the whole decoder train on (image, question, answer) in the model's
+chat format, with the loss on the answer and the end-of-sequence token only. Every answer of the
+shapes benchmark is one word, so the targets are the last two tokens of each left-padded sequence.
+
+Validation scores the greedy first token, which is the answer the model generates (its next token
+is `</s>`), overall and per family, and exports the model so an interrupted run leaves its best.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch.nn import functional as F
+
+from .hf_model import load_model_and_processor
+from .metrics import VQAAccuracy
+from .training_utils import adamw_cosine, export
+
+
+class QAFinetuning(pl.LightningModule):
+    """Projector + decoder training on the shapes questions, vision tower frozen.
+
+    Args:
+        model_name_or_path: the stage-1 folder (LLaVA with a trained tower).
+        output_dir: where the trained LLaVA folder is written (the shipped checkpoint).
+        lr, weight_decay, warmup_steps: AdamW, linear warmup, cosine decay to 0 at `max_steps`.
+        prompt: question template; `{question}` is replaced by the question (as `PrunedMLLM`).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "runs/train_tiny_llava/vision/model",
+        output_dir: str = "checkpoints/tiny-llava-shapes",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        prompt: str = "{question}",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.llava, self.processor = load_model_and_processor(model_name_or_path)
+        self.llava.train().model.vision_tower.requires_grad_(False)
+        self.metric = VQAAccuracy()
+
+    def setup(self, stage: str) -> None:
+        tasks = getattr(self.trainer.datamodule, "tasks", None) if self.trainer.datamodule is not None else None
+        self.metric = VQAAccuracy(tasks or ())
+
+    def prompts(self, questions: list[str]) -> list[str]:
+        """The chat-formatted prompts, as `PrunedMLLM.build_prompt` writes them."""
+        out = []
+        for question in questions:
+            text = self.hparams.prompt.format(question=question)
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+            out.append(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        return out
+
+    def inputs(self, images: list, texts: list[str]) -> dict:
+        return self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.llava.model.vision_tower.eval()  # frozen: no dropout, whatever mode Lightning set
+        eos = self.processor.tokenizer.eos_token
+        texts = [f"{p} {a}{eos}" for p, a in zip(self.prompts(batch["question"]), batch["answer"])]
+        inputs = self.inputs(batch["image"], texts)
+        targets = inputs["input_ids"][:, -2:]  # the answer word and </s>
+        if (targets[:, 0] == self.processor.tokenizer.unk_token_id).any():
+            raise ValueError(f"an answer is not one known word: {batch['answer']}")
+        logits = self.llava(**inputs, logits_to_keep=3).logits[:, :2]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(texts))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.metric.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        inputs = self.inputs(batch["image"], self.prompts(batch["question"]))
+        next_token = self.llava(**inputs, logits_to_keep=1).logits[:, -1].argmax(-1)
+        answers = self.processor.tokenizer.batch_decode(next_token[:, None], skip_special_tokens=True)
+        self.metric.update(answers, batch["answer"], batch["task"] if self.metric.tasks else None)
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.metric.compute()
+        logged = {"val/accuracy": scores["accuracy"]}
+        logged.update({f"val/{task}": acc for task, acc in scores["accuracy_by_task"].items()})
+        self.log_dict(logged, prog_bar=False)
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            export(self.llava, self.processor, self.hparams.output_dir)
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.llava.parameters() if p.requires_grad]
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000
+        return adamw_cosine(params, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps, total)
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f"exported: {export(self.llava, self.processor, self.hparams.output_dir)}")

@@ -1,0 +1,63 @@
+"""The two training stages of the tiny LLaVA: they learn, freeze what LLaVA freezes, and export
+folders that `from_pretrained` loads."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from lightning_modules.qa_finetuning import QAFinetuning
+from lightning_modules.shapes_data import ShapesBenchmark
+from lightning_modules.vision_pretraining import VisionPretraining
+
+
+def trainer(steps: int) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """Stage 1 overfitting one batch of 4 scenes for 12 steps; returns (module, batch, loss before)."""
+    out = tmp_path_factory.mktemp("vision")
+    pl.seed_everything(0)
+    module = VisionPretraining(output_dir=str(out), lr=2e-3, warmup_steps=1)
+    data = ShapesBenchmark(train_size=4, batch_size=4, fit_val_size=4)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    with torch.no_grad():
+        before = sum(module.losses(module.pixels(batch["image"]), batch["targets"]).values())
+    trainer(12).fit(module, datamodule=data)
+    return module, batch, before
+
+
+def test_vision_pretraining_learns_through_cls(stage1):
+    module, batch, before = stage1
+    with torch.no_grad():
+        after = sum(module.losses(module.pixels(batch["image"]), batch["targets"]).values())
+    assert after < 0.7 * before
+
+
+def test_vision_export_loads_with_the_trained_tower(stage1):
+    module, _, _ = stage1
+    folder = module.hparams.output_dir
+    loaded = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True)
+    AutoProcessor.from_pretrained(folder, local_files_only=True)
+    trained = module.llava.model.vision_tower.state_dict()
+    for name, value in loaded.model.vision_tower.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+
+
+def test_qa_finetuning_freezes_the_tower_and_trains_the_rest(stage1, tmp_path):
+    vision_dir = stage1[0].hparams.output_dir
+    module = QAFinetuning(model_name_or_path=vision_dir, output_dir=str(tmp_path), warmup_steps=1)
+    tower = {k: v.clone() for k, v in module.llava.model.vision_tower.state_dict().items()}
+    projector = {k: v.clone() for k, v in module.llava.model.multi_modal_projector.state_dict().items()}
+    trainer(2).fit(module, datamodule=ShapesBenchmark(train_size=4, batch_size=2, fit_val_size=2))
+    assert all(torch.equal(v, tower[k]) for k, v in module.llava.model.vision_tower.state_dict().items())
+    trained = module.llava.model.multi_modal_projector.state_dict()
+    assert not all(torch.equal(v, projector[k]) for k, v in trained.items())
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path, local_files_only=True)
+    assert torch.equal(loaded.lm_head.weight, module.llava.lm_head.weight)
