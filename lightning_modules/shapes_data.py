@@ -63,7 +63,7 @@ class ShapesBenchmark(BenchmarkDataModule):
 
     Args:
         split: what `vtprune validate` / `test` scores: "val" or "test".
-        seed: the benchmark seed (the shipped model was trained and scored on seed 0).
+        seed: the benchmark seed (the training configs use 0).
         size: questions in `split` (default: SPLIT_SIZES[split], 3,000 for test).
         train_size: scenes in the train split.
         fit_val_size: questions of val scored during `fit`.
