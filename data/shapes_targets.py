@@ -62,13 +62,12 @@ def _per_patch(values: np.ndarray) -> np.ndarray:
 
 def _majority(values: np.ndarray) -> np.ndarray:
     """Per patch, the most frequent non-zero value covering at least MIN_COVER pixels, else 0."""
-    patches = _per_patch(values)
-    out = np.zeros(len(patches), np.int64)
-    for i, pixels in enumerate(patches):
-        found, counts = np.unique(pixels[pixels > 0], return_counts=True)
-        if len(found) and counts.max() >= MIN_COVER:
-            out[i] = found[counts.argmax()]
-    return out
+    patches = _per_patch(values).astype(np.int64)  # uint8 values: 256 bins a patch
+    n = len(patches)
+    counts = np.bincount((np.arange(n)[:, None] * 256 + patches).ravel(), minlength=n * 256).reshape(n, 256)
+    counts[:, 0] = 0  # background never names a patch
+    best = counts.argmax(1)  # ties: the smallest value
+    return np.where(counts[np.arange(n), best] >= MIN_COVER, best, 0)
 
 
 def patch_targets(sample: Sample) -> dict[str, torch.Tensor]:
