@@ -51,3 +51,9 @@ def load_model_and_processor(path: str | Path, dtype: str = "float32", attn_impl
     # Batched generation needs padding on the left, so every prompt ends where generation starts.
     processor.tokenizer.padding_side = "left"
     return model.eval(), processor
+
+
+def chat_prompt(processor, text: str) -> str:
+    """The processor's chat template around one image and `text`, ready for generation."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -58,3 +58,9 @@ class VQAAccuracy(Metric):
         }
         overall = self.correct.float() / self.total if self.total > 0 else torch.tensor(float("nan"))
         return {"accuracy": overall, "accuracy_by_task": by_task, "total": self.total.clone()}
+
+
+def metric_for(datamodule) -> VQAAccuracy:
+    """A `VQAAccuracy` over the tasks of `datamodule` (call after its setup; none when it has no tasks)."""
+    tasks = getattr(datamodule, "tasks", None) if datamodule is not None else None
+    return VQAAccuracy(tasks or ())

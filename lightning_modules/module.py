@@ -12,8 +12,8 @@ import torch
 import pruners
 from pruners import Pruner, registry
 
-from .hf_model import load_model_and_processor
-from .metrics import VQAAccuracy
+from .hf_model import chat_prompt, load_model_and_processor
+from .metrics import VQAAccuracy, metric_for
 from .results import write_json, write_jsonl
 
 # results.json keys also logged through Lightning (shown in its end-of-run table).
@@ -61,9 +61,7 @@ class PrunedMLLM(pl.LightningModule):
 
     def build_prompt(self, question: str) -> str:
         """The model's chat template around one image and the templated question."""
-        text = self.hparams.prompt.format(question=question)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return chat_prompt(self.processor, self.hparams.prompt.format(question=question))
 
     def answer(self, images: list, questions: list[str]) -> list[str]:
         """Greedy answers (new tokens only) for a batch, with the pruner attached."""
@@ -78,8 +76,7 @@ class PrunedMLLM(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         # Task names come from the data, so the metric is built once the DataModule has loaded it.
-        tasks = getattr(self.trainer.datamodule, "tasks", None) if self.trainer.datamodule is not None else None
-        self.metric = VQAAccuracy(tasks or ())
+        self.metric = metric_for(self.trainer.datamodule)
 
     def on_validation_epoch_start(self) -> None:
         self._start_epoch()

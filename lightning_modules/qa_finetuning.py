@@ -15,8 +15,8 @@ import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
 
-from .hf_model import load_model_and_processor
-from .metrics import VQAAccuracy
+from .hf_model import chat_prompt, load_model_and_processor
+from .metrics import VQAAccuracy, metric_for
 from .training_utils import adamw_cosine, export
 
 
@@ -46,17 +46,11 @@ class QAFinetuning(pl.LightningModule):
         self.metric = VQAAccuracy()
 
     def setup(self, stage: str) -> None:
-        tasks = getattr(self.trainer.datamodule, "tasks", None) if self.trainer.datamodule is not None else None
-        self.metric = VQAAccuracy(tasks or ())
+        self.metric = metric_for(self.trainer.datamodule)
 
     def prompts(self, questions: list[str]) -> list[str]:
         """The chat-formatted prompts, as `PrunedMLLM.build_prompt` writes them."""
-        out = []
-        for question in questions:
-            text = self.hparams.prompt.format(question=question)
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-            out.append(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-        return out
+        return [chat_prompt(self.processor, self.hparams.prompt.format(question=q)) for q in questions]
 
     def inputs(self, images: list, texts: list[str]) -> dict:
         return self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
@@ -93,8 +87,8 @@ class QAFinetuning(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         params = [p for p in self.llava.parameters() if p.requires_grad]
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000
-        return adamw_cosine(params, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps, total)
+        hp = self.hparams
+        return adamw_cosine(params, hp.lr, hp.weight_decay, hp.warmup_steps, self.trainer.max_steps)
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:

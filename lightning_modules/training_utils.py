@@ -8,10 +8,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+UNSET_TOTAL = 10_000  # decay horizon when the trainer has no max_steps (-1)
 
-def adamw_cosine(params: list[nn.Parameter], lr: float, weight_decay: float, warmup: int, total: int) -> dict:
-    """AdamW with linear warmup over `warmup` steps and cosine decay to 0 at `total` steps, for
-    `configure_optimizers`. Weight decay skips biases and norms (every parameter under 2-D)."""
+
+def adamw_cosine(params: list[nn.Parameter], lr: float, weight_decay: float, warmup: int, max_steps: int) -> dict:
+    """AdamW with linear warmup over `warmup` steps and cosine decay to 0 at the trainer's
+    `max_steps` (UNSET_TOTAL when unset), for `configure_optimizers`. Weight decay skips biases and
+    norms (every parameter under 2-D)."""
+    total = max_steps if max_steps > 0 else UNSET_TOTAL
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]

@@ -72,7 +72,12 @@ class VisionPretraining(pl.LightningModule):
 
     def losses(self, pixel_values: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One loss per head: mean BCE for multi-label heads, mean cross-entropy for the others."""
-        cls, patches = self.outputs(pixel_values)
+        return self.head_losses(*self.outputs(pixel_values), targets)
+
+    def head_losses(
+        self, cls: torch.Tensor, patches: torch.Tensor, targets: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """`losses` from the tower's outputs (see `outputs`)."""
         out = {}
         for name, k in PATCH_HEADS.items():
             # Object centres are 1 patch in 100: weigh them up so the head does not learn "never".
@@ -95,9 +100,9 @@ class VisionPretraining(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        pixel_values, targets = self.pixels(batch["image"]), batch["targets"]
-        losses = self.losses(pixel_values, targets)
-        cls, patches = self.outputs(pixel_values)
+        targets = batch["targets"]
+        cls, patches = self.outputs(self.pixels(batch["image"]))
+        losses = self.head_losses(cls, patches, targets)
         n = len(batch["image"])
         self.log("val/loss", sum(losses.values()), prog_bar=True, batch_size=n)
         for name in ("text", "color_count", "shape_count"):  # exact-answer heads: accuracy reads easily
@@ -113,8 +118,8 @@ class VisionPretraining(pl.LightningModule):
     def configure_optimizers(self) -> dict:
         modules = (self.tower, self.heads, self.patch_norm, self.patch_heads)  # not the LLM: stage 2's
         params = [p for module in modules for p in module.parameters()]
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000
-        return adamw_cosine(params, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps, total)
+        hp = self.hparams
+        return adamw_cosine(params, hp.lr, hp.weight_decay, hp.warmup_steps, self.trainer.max_steps)
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
