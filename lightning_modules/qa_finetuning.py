@@ -2,8 +2,11 @@
 
 As LLaVA's instruction tuning: the CLIP tower from stage 1 (`lightning_modules.vision_pretraining`)
 is frozen; the projector and the whole decoder train on (image, question, answer) in the model's
-chat format, with the loss on the answer and the end-of-sequence token only. Every answer of the
-shapes benchmark is one word, so the targets are the last two tokens of each left-padded sequence.
+chat format, with the loss on the answers and the end-of-sequence tokens only. A training sample is
+a conversation of one or more turns about one image (`ShapesBenchmark(turns=...)`, as LLaVA's
+multi-turn instruction data), so the 576 visual tokens are paid for once per several answers. Every
+answer of the shapes benchmark is one word: the targets are the token after each "ASSISTANT:" and
+the `</s>` after it.
 
 Validation scores the greedy first token, which is the answer the model generates (its next token
 is `</s>`), overall and per family, and exports the model so an interrupted run leaves its best.
@@ -55,17 +58,38 @@ class QAFinetuning(pl.LightningModule):
     def inputs(self, images: list, texts: list[str]) -> dict:
         return self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
 
+    def conversation_text(self, turns: list[tuple[str, str]]) -> str:
+        """The chat text of a conversation: each answer followed by `</s>`, then the next turn."""
+        eos = self.processor.tokenizer.eos_token
+        text = ""
+        for i, (question, answer) in enumerate(turns):
+            prompt = self.prompts([question])[0]
+            if i > 0:  # the image comes with the first turn only
+                prompt = prompt.replace(self.processor.image_token + "\n", "")
+            text += f"{prompt} {answer}{eos}"
+        return text
+
+    def answer_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """True at the tokens the loss is on: each answer (the token after "assistant" ":") and its `</s>`."""
+        assistant, colon = self.processor.tokenizer.convert_tokens_to_ids(["assistant", ":"])
+        answer = torch.zeros_like(input_ids, dtype=torch.bool)
+        answer[:, 2:] = (input_ids[:, :-2] == assistant) & (input_ids[:, 1:-1] == colon)
+        mask = answer.clone()
+        mask[:, 1:] |= answer[:, :-1]
+        return mask
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.llava.model.vision_tower.eval()  # frozen: no dropout, whatever mode Lightning set
-        eos = self.processor.tokenizer.eos_token
-        texts = [f"{p} {a}{eos}" for p, a in zip(self.prompts(batch["question"]), batch["answer"])]
-        inputs = self.inputs(batch["image"], texts)
-        targets = inputs["input_ids"][:, -2:]  # the answer word and </s>
-        if (targets[:, 0] == self.processor.tokenizer.unk_token_id).any():
-            raise ValueError(f"an answer is not one known word: {batch['answer']}")
-        logits = self.llava(**inputs, logits_to_keep=3).logits[:, :2]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(texts))
+        turns = batch.get("turns") or [[qa] for qa in zip(batch["question"], batch["answer"])]
+        inputs = self.inputs(batch["image"], [self.conversation_text(t) for t in turns])
+        ids = inputs["input_ids"]
+        mask = self.answer_mask(ids)[:, 1:]  # position t predicts token t + 1
+        targets = ids[:, 1:][mask]
+        if (targets == self.processor.tokenizer.unk_token_id).any():
+            raise ValueError(f"an answer is not one known word: {turns}")
+        logits = self.llava(**inputs).logits[:, :-1][mask]
+        loss = F.cross_entropy(logits, targets)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(ids))
         return loss
 
     def on_validation_epoch_start(self) -> None:

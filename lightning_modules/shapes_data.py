@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.jsonl import Record
 from data.shapes import SPLIT_SIZES, make_sample
+from data.shapes_dialogue import conversation
 from data.shapes_scene import IMAGE_SIZE
 from data.shapes_targets import scene_targets
 
@@ -26,10 +27,14 @@ from .datamodule import BenchmarkDataModule, collate
 
 class ShapesDataset(Dataset):
     """Samples `indices` of one split: id, image (PIL), question, answer, task, and optionally the
-    scene's CLS pre-training targets (`data.shapes_targets`)."""
+    scene's pre-training targets (`data.shapes_targets`) and, when `turns` > 1, a training
+    conversation of that many (question, answer) turns (`data.shapes_dialogue`)."""
 
-    def __init__(self, seed: int, split: str, indices: list[int], targets: bool = False, noise: bool = False) -> None:
+    def __init__(
+        self, seed: int, split: str, indices: list[int], targets: bool = False, noise: bool = False, turns: int = 1
+    ) -> None:
         self.seed, self.split, self.indices, self.targets, self.noise = seed, split, indices, targets, noise
+        self.turns = turns
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -41,6 +46,8 @@ class ShapesDataset(Dataset):
                 "answer": sample.answer, "task": sample.task}  # fmt: skip
         if self.targets:
             item["targets"] = scene_targets(sample)
+        if self.turns > 1:
+            item["turns"] = conversation(sample, self.turns, sample.pixel_seed)
         return item
 
 
@@ -67,6 +74,8 @@ class ShapesBenchmark(BenchmarkDataModule):
         size: questions in `split` (default: SPLIT_SIZES[split], 3,000 for test).
         train_size: scenes in the train split.
         fit_val_size: questions of val scored during `fit`.
+        turns: questions per training conversation: the planned one, then ones derived from the same
+            scene (`data.shapes_dialogue`); 1 trains on the planned question alone.
         noise_images: replace every val/test image by uniform noise (the benchmark must then fall
             to chance: its questions need the image).
         batch_size, num_workers, limit, shuffle_seed: see `BenchmarkDataModule`.
@@ -80,6 +89,7 @@ class ShapesBenchmark(BenchmarkDataModule):
         train_size: int = SPLIT_SIZES["train"],
         fit_val_size: int = 300,
         noise_images: bool = False,
+        turns: int = 1,
         batch_size: int = 16,
         num_workers: int = 0,
         limit: int | None = None,
@@ -88,12 +98,17 @@ class ShapesBenchmark(BenchmarkDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, limit=limit, shuffle_seed=shuffle_seed)
         if split not in ("val", "test"):
             raise ValueError(f"split must be 'val' or 'test' (train is only for fit), got {split!r}")
-        for name, value in (("size", size), ("train_size", train_size), ("fit_val_size", fit_val_size)):
+        for name, value in (
+            ("size", size),
+            ("train_size", train_size),
+            ("fit_val_size", fit_val_size),
+            ("turns", turns),
+        ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         self.split, self.seed, self.train_size, self.fit_val_size = split, seed, train_size, fit_val_size
         self.size = SPLIT_SIZES[split] if size is None else size
-        self.noise_images = noise_images
+        self.noise_images, self.turns = noise_images, turns
         self.training = False
 
     collate = staticmethod(collate_train)
@@ -118,7 +133,7 @@ class ShapesBenchmark(BenchmarkDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            ShapesDataset(self.seed, "train", list(range(self.train_size)), targets=True),
+            ShapesDataset(self.seed, "train", list(range(self.train_size)), targets=True, turns=self.turns),
             batch_size=self.batch_size,
             shuffle=True,
             num_workers=self.num_workers,

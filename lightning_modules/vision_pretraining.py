@@ -80,10 +80,7 @@ class VisionPretraining(pl.LightningModule):
         """`losses` from the tower's outputs (see `outputs`)."""
         out = {}
         for name, k in PATCH_HEADS.items():
-            # Object centres are 1 patch in 100: weigh them up so the head does not learn "never".
-            weight = torch.tensor([1.0, 10.0], device=self.device) if name == "patch_center" else None
-            logits = self.patch_heads[name](patches).reshape(-1, k)
-            out[name] = F.cross_entropy(logits, targets[name].reshape(-1), weight)
+            out[name] = self.patch_loss(name, self.patch_heads[name](patches).reshape(-1, k), targets[name].reshape(-1))
         for name, (n, k, kind) in HEADS.items():
             logits = self.heads[name](cls).view(-1, n, k)
             if kind == "bce":
@@ -91,6 +88,17 @@ class VisionPretraining(pl.LightningModule):
             else:
                 out[name] = F.cross_entropy(logits.reshape(-1, k), targets[name].reshape(-1))
         return out
+
+    def patch_loss(self, name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of one patch head. Shape and character are scored on the patches that hold
+        something only: nine patches in ten are background, and averaged over all of them the loss
+        of "which shape / which character" was too faint to learn within the CPU budget."""
+        if name == "patch_center":  # object centres are 1 patch in 100: weigh them up
+            return F.cross_entropy(logits, target, torch.tensor([1.0, 10.0], device=logits.device))
+        if name in ("patch_shape", "patch_char"):
+            held = target > 0
+            return F.cross_entropy(logits[held], target[held]) if held.any() else logits.sum() * 0
+        return F.cross_entropy(logits, target)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.losses(self.pixels(batch["image"]), batch["targets"])

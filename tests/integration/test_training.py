@@ -55,9 +55,19 @@ def test_qa_finetuning_freezes_the_tower_and_trains_the_rest(stage1, tmp_path):
     module = QAFinetuning(model_name_or_path=vision_dir, output_dir=str(tmp_path), warmup_steps=1)
     tower = {k: v.clone() for k, v in module.llava.model.vision_tower.state_dict().items()}
     projector = {k: v.clone() for k, v in module.llava.model.multi_modal_projector.state_dict().items()}
-    trainer(2).fit(module, datamodule=ShapesBenchmark(train_size=4, batch_size=2, fit_val_size=2))
+    trainer(2).fit(module, datamodule=ShapesBenchmark(train_size=4, batch_size=2, fit_val_size=2, turns=3))
     assert all(torch.equal(v, tower[k]) for k, v in module.llava.model.vision_tower.state_dict().items())
     trained = module.llava.model.multi_modal_projector.state_dict()
     assert not all(torch.equal(v, projector[k]) for k, v in trained.items())
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path, local_files_only=True)
     assert torch.equal(loaded.lm_head.weight, module.llava.lm_head.weight)
+
+
+def test_qa_loss_is_on_every_answer_and_its_end_token(stage1, tmp_path):
+    module = QAFinetuning(model_name_or_path=stage1[0].hparams.output_dir, output_dir=str(tmp_path))
+    text = module.conversation_text([("what color is the star ?", "red"), ("is there a red star ?", "yes")])
+    assert text.count("<image>") == 1 and text.endswith("yes</s>")
+    tokenizer = module.processor.tokenizer
+    ids = tokenizer([text], return_tensors="pt")["input_ids"]
+    marked = tokenizer.convert_ids_to_tokens(ids[0][module.answer_mask(ids)[0]])
+    assert marked == ["red", "</s>", "yes", "</s>"]
