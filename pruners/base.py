@@ -53,6 +53,9 @@ class TokenState:
         num_images: (B,) long, images per sample (LLM stages; 1 per row at vision stages).
         probe: attention probe for this layer; see `attention`.
         extras: signals a stage offers beyond the fields above (documented by the runtime).
+        protected: (B, N) bool or None, tokens a pruner marked as never to be dropped by its later
+            stages (MustDrop's key token set). The runtime carries it from the vision stages into
+            the LLM sequence (a token's flag follows it); pruners read it and honour it themselves.
     """
 
     hidden: Tensor
@@ -67,6 +70,7 @@ class TokenState:
     num_images: Tensor | None = None
     probe: Probe | None = None
     extras: dict = dataclasses.field(default_factory=dict)
+    protected: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -128,7 +132,21 @@ class TokenState:
             sizes=new_sizes,
             probe=None,
             extras={},
+            protected=None if self.protected is None else take(self.protected, False),
         )
+
+
+def scale_layers(layers: tuple[int, ...], paper_depth: int, depth: int) -> tuple[int, ...]:
+    """A paper's layer schedule, given for a `paper_depth`-layer network, on a `depth`-layer one.
+
+    Unchanged when the depths agree. Otherwise each layer keeps its relative depth: layer l goes
+    to round(l * depth / paper_depth), clipped to 0..depth-1; duplicates are merged, order kept.
+    (MustDrop's LLM layers 2, 6, 10, 14 of Vicuna's 32 become 0, 1, 2 on a 4-layer decoder.)
+    """
+    if depth == paper_depth:
+        return tuple(layers)
+    scaled = (min(depth - 1, max(0, round(layer * depth / paper_depth))) for layer in layers)
+    return tuple(dict.fromkeys(scaled))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +172,9 @@ class Pruner(nn.Module):
             official code) instead of keeping their original ones (the default).
         proportional_attention: vision layers add log(size) of merged tokens to attention
             logits (ToMe).
+        llm_hook_point: "block" (default: `llm_layer` runs after the whole decoder layer) or
+            "attn" (after the attention residual, before the MLP, as FiCoCo-L merges); the
+            hooked layer's KV cache then holds every token its attention saw.
     Instance attributes set in `__init__` or `setup`:
         budget: visual tokens per image that reach the LLM's last layer (None: method default).
         vision_layers: vision layers after which `vision_layer` runs.
@@ -166,6 +187,7 @@ class Pruner(nn.Module):
     stages: ClassVar[frozenset[Stage]] = frozenset()
     renumber_positions: ClassVar[bool] = False
     proportional_attention: ClassVar[bool] = False
+    llm_hook_point: ClassVar[str] = "block"
 
     def __init__(self, budget: int | None = None) -> None:
         super().__init__()

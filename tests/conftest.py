@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from pruners.base import Stage, TokenState
+
 IMAGE_TOKEN = 3
 PAD = 0
 VOCAB = 64
@@ -52,6 +54,16 @@ def make_inputs(model, prompt_lens: list[int], seed: int = 0, images_per_sample:
     size = model.config.vision_config.image_size
     pixels = torch.randn(len(rows) * images_per_sample, 3, size, size, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def vision_state(hidden: torch.Tensor, grid: tuple[int, int], probe=None) -> TokenState:
+    """The state a VISION_LAYER hook gets after vision layer 0: slot 0 = CLS, slot 1 + p = patch p."""
+    bsz, n, _ = hidden.shape
+    slots = torch.arange(n).expand(bsz, n)
+    return TokenState(
+        hidden=hidden, valid=torch.ones(bsz, n, dtype=torch.bool), visual=slots > 0, positions=slots - 1,
+        origin=slots, sizes=torch.ones(bsz, n), stage=Stage.VISION_LAYER, layer=0, grid=grid, probe=probe,
+    )
 
 
 def slice_inputs(inputs: dict, i: int, images_per_sample: int = 1) -> dict:

@@ -105,6 +105,9 @@ def decode_mask(past_valid: Tensor, q: int) -> Tensor:
 
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+# Where an LLM_LAYER hook runs inside its layer: after the whole layer, or after the attention
+# residual and before the MLP (FiCoCo-L). See `Pruner.llm_hook_point`.
+LLM_HOOK_POINTS = ("block", "attn")
 
 
 def as_attention_mask(mask: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
@@ -148,13 +151,19 @@ class Sequence:
     positions: Tensor
     origin: Tensor
     num_images: Tensor
+    protected: Tensor | None = None  # see TokenState.protected
 
     def slots(self) -> LayerSlots:
         return LayerSlots(self.valid, self.origin, self.visual & self.valid)
 
 
 class DecoderRunner:
-    """Runs a LLaMA-style decoder (embed -> layers -> norm) with pruner hooks."""
+    """Runs a LLaMA-style decoder (embed -> layers -> norm) with pruner hooks.
+
+    A hook runs after its whole layer, or, with `pruner.llm_hook_point == "attn"`, between the
+    layer's attention residual and its MLP: that layer's KV cache keeps every token its attention
+    saw, and its MLP and every later layer see the shorter sequence.
+    """
 
     def __init__(self, lm: nn.Module, pruner: Pruner, capture: ProjectionCapture, clock: Stopwatch) -> None:
         self.lm = lm
@@ -163,6 +172,10 @@ class DecoderRunner:
         self.clock = clock
         self.layers = list(lm.layers[: lm.config.num_hidden_layers])
         self.hook_layers = set(pruner.llm_layers) if Stage.LLM_LAYER in pruner.stages else set()
+        if pruner.llm_hook_point not in LLM_HOOK_POINTS:
+            raise ValueError(f"{pruner.name}: llm_hook_point {pruner.llm_hook_point!r} is not supported; "
+                             f"allowed: {', '.join(LLM_HOOK_POINTS)}")
+        self.mid = pruner.llm_hook_point == "attn"
         bad = sorted(i for i in self.hook_layers if not 0 <= i < len(self.layers) - 1)
         if bad:
             raise ValueError(f"{pruner.name}: LLM layer hooks {bad} out of range: allowed 0..{len(self.layers) - 2} "
@@ -184,15 +197,25 @@ class DecoderRunner:
         for i, layer in enumerate(self.layers):
             slots.append(seq.slots())
             counts.append(torch.stack([seq.valid.sum(-1), (seq.visual & seq.valid).sum(-1)]))
-            seq.hidden = layer(seq.hidden, attention_mask=layer_mask, position_embeddings=(cos, sin),
-                               position_ids=seq.positions, past_key_values=cache, use_cache=cache is not None)
-            if i in self.hook_layers:
+            args = {"attention_mask": layer_mask, "position_embeddings": (cos, sin), "position_ids": seq.positions,
+                    "past_key_values": cache, "use_cache": cache is not None}
+            hooked = i in self.hook_layers
+            if hooked and self.mid:
+                # LlamaDecoderLayer.forward split at the residual after attention: the cut happens
+                # between attention and MLP, so this layer's cache holds every token its attention saw.
+                attn_out, _ = layer.self_attn(layer.input_layernorm(seq.hidden), **args)
+                seq.hidden = seq.hidden + attn_out
+            else:
+                seq.hidden = layer(seq.hidden, **args)
+            if hooked:
                 new = self._cut(seq, i, layer, cos, sin, mask, grid)
                 if new is not None:
                     seq = new
                     mask = prefill_mask(seq.valid)
                     layer_mask = self._mask(mask, seq.hidden.dtype)
                     cos, sin = self.lm.rotary_emb(seq.hidden, position_ids=seq.positions)
+            if hooked and self.mid:
+                seq.hidden = seq.hidden + layer.mlp(layer.post_attention_layernorm(seq.hidden))
         return self.lm.norm(seq.hidden), seq, slots, counts
 
     def _cut(self, seq: Sequence, i: int, layer, cos, sin, mask, grid) -> Sequence | None:
@@ -200,7 +223,7 @@ class DecoderRunner:
         state = TokenState(
             hidden=seq.hidden, valid=seq.valid, visual=seq.visual, positions=seq.positions, origin=seq.origin,
             sizes=torch.ones_like(seq.valid, dtype=seq.hidden.dtype), stage=Stage.LLM_LAYER, layer=i, grid=grid,
-            num_images=seq.num_images, probe=probe, extras={"keys": probe.key},
+            num_images=seq.num_images, probe=probe, extras={"keys": probe.key}, protected=seq.protected,
         )
         new = self.clock.run(self.pruner.llm_layer, state)
         self.capture.clear()
@@ -211,7 +234,7 @@ class DecoderRunner:
             first = seq.positions.masked_fill(~seq.valid, torch.iinfo(seq.positions.dtype).max).amin(-1, keepdim=True)
             positions = (first + new.valid.long().cumsum(-1) - 1).masked_fill(~new.valid, 0)
         return Sequence(new.hidden, new.valid, new.visual, positions.masked_fill(~new.valid, 0), new.origin,
-                        seq.num_images)
+                        seq.num_images, new.protected)
 
     def decode(self, hidden: Tensor, positions: Tensor, origin: Tensor, cache, slots: list[LayerSlots]) -> Tensor:
         """Runs q new tokens (B, q) through every layer against each layer's own cache."""

@@ -185,6 +185,10 @@ class LlavaRuntime:
         keep = keep.flatten().index_fill(0, target, True).view_as(keep)
         num_images = torch.bincount(sample, minlength=embeds.shape[0])
         seq = self._compact(flat.view_as(embeds), keep, positions, image_mask, num_images)
+        if state.protected is not None:  # the flag follows its token into the text
+            flags = torch.zeros(keep.numel(), dtype=torch.bool, device=keep.device)
+            flags[target] = state.protected[kept]
+            seq.protected = flags.view_as(keep).gather(1, seq.origin.clamp(min=0)) & seq.valid
         return seq, [self._per_sample(c, sample, embeds.shape[0]) for c in vision_counts], \
             self._per_sample(proj_tokens, sample, embeds.shape[0])
 

@@ -83,3 +83,34 @@ def test_hooks_outside_the_model_are_rejected(tiny_llava):
     with pytest.raises(ValueError, match=r"LLM layer hooks \[3\] out of range: allowed 0\.\.2"):
         with pruners.attach(tiny_llava, bad):
             pass
+
+
+class ProtectEvery7th(Pruner):
+    """Test pruner: marks patches 0, 7, 14, ... protected at VISION_OUTPUT (after dropping patch 1,
+    so flags must follow tokens, not slots) and records, at LLM layer 0, the image index of every
+    visual token flagged there."""
+
+    name = "test-protect"
+    stages = frozenset({Stage.VISION_OUTPUT, Stage.LLM_LAYER})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.llm_layers = (0,)
+
+    def vision_output(self, state):
+        state = state.keep(compact_index(state.valid & (state.positions != 1)))
+        return state.replace(protected=(state.positions % 7 == 0) & state.valid)
+
+    def llm_layer(self, state):
+        first = torch.where(state.visual, state.origin, state.origin.max() + 1).amin(-1, keepdim=True)
+        flagged = state.protected & state.visual
+        self.seen = [sorted((state.origin[b] - first[b])[flagged[b]].tolist()) for b in range(state.batch_size)]
+        return state
+
+
+def test_protected_flags_follow_their_tokens_into_the_llm(tiny_llava):
+    pruner = ProtectEvery7th()
+    with torch.no_grad(), pruners.attach(tiny_llava, pruner):
+        tiny_llava(**make_inputs(tiny_llava, [3, 9]))
+    # Image slots are consecutive, and patch 1 is gone, so patch p > 1 sits at image index p.
+    assert pruner.seen == [list(range(0, 64, 7))] * 2
