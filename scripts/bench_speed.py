@@ -158,7 +158,8 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pruners", nargs="+", default=["fastv", "pool"])
+    everything = [n for n in pruners.available() if n != "none"]
+    p.add_argument("--pruners", nargs="+", default=everything, help="default: every registered pruner")
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 192])
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--width", type=int, default=4096)
