@@ -331,7 +331,7 @@ def test_early_layer_caches_hold_only_surviving_visual_entries():
         ({"mode": "mean"}, r"mode must be one of \('ipgs', 'sv', 'av'\), got 'mean'"),
         ({"weight": 1.5}, r"weight .* must be in \[0, 1\], got 1.5"),
         ({"weight": True}, r"weight .* must be in \[0, 1\], got True"),
-        ({"solver": "qr"}, r"solver must be one of \('svd', 'gram'\), got 'qr'"),
+        ({"solver": "qr"}, r"solver must be one of \('gram', 'svd'\), got 'qr'"),
     ],
 )
 def test_bad_arguments_raise(kwargs, message):
