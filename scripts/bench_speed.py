@@ -25,6 +25,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 import pruners
 
 IMAGE_TOKEN = 3
+OVERHEAD_LIMIT = 0.15  # a pruner's own work may cost at most this share of the unpruned prefill
 
 
 def build_model(layers: int, width: int, mlp: int, heads: int, vision_width: int, vision_layers: int,
@@ -154,6 +155,9 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         print(f"{r['pruner']:<10}{r['budget']!s:>7}{r['tokens']:>8.0f}{r['flops'] / 1e9:>9.2f}{r['pred']:>8.2f}"
               f"{r['ms']:>10.1f}{r['meas']:>8.2f}{r['meas'] / r['pred']:>11.2f}{100 * r['share']:>8.2f}"
               f"{r['mem']:>10.1f}")
+    over = [f"{r['pruner']}@{r['budget']}" for r in rows if r["share"] > OVERHEAD_LIMIT]
+    print(f"hook % = the pruner's own scoring/merging time over the unpruned prefill; over "
+          f"{OVERHEAD_LIMIT:.0%}: {', '.join(over) or 'none'}")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -166,7 +170,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlp", type=int, default=11008)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--vision-width", type=int, default=1024)
-    p.add_argument("--vision-layers", type=int, default=2, help="CLIP layers (LLaVA feeds layer -2's input)")
+    p.add_argument("--vision-layers", type=int, default=6,
+                   help="CLIP layers (LLaVA feeds layer -2's input; ToMe needs 4 merging layers to reach 64)")
     p.add_argument("--image-size", type=int, default=336)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
