@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from pruners.base import Stage, TokenState
+import pruners
+from pruners.base import ModelInfo, Stage, TokenState
 
 IMAGE_TOKEN = 3
 PAD = 0
@@ -54,6 +55,24 @@ def make_inputs(model, prompt_lens: list[int], seed: int = 0, images_per_sample:
     size = model.config.vision_config.image_size
     pixels = torch.randn(len(rows) * images_per_sample, 3, size, size, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+LLAVA15_INFO = dict(
+    family="llava", visual_tokens=576, grid=(24, 24), vision_layers=24, vision_feature_layer=23, llm_layers=32,
+    has_cls=True,
+)
+
+
+def llava15_info(**changes) -> ModelInfo:
+    """What a pruner is told about LLaVA-1.5-7B (CLIP-L/336, Vicuna-7B), with fields changed."""
+    return ModelInfo(**{**LLAVA15_INFO, **changes})
+
+
+def setup_pruner(name: str, model: ModelInfo, **kwargs) -> pruners.Pruner:
+    """`pruners.build(name, **kwargs)`, set up for `model` as `attach` would."""
+    pruner = pruners.build(name, **kwargs)
+    pruner.setup(model)
+    return pruner
 
 
 def vision_state(hidden: torch.Tensor, grid: tuple[int, int], probe=None) -> TokenState:

@@ -5,34 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_inputs, make_llava, slice_inputs, vision_state
+from conftest import llava15_info, make_inputs, make_llava, setup_pruner, slice_inputs, vision_state
 
 import pruners
-import pruners.methods.ficoco  # noqa: F401  (registers the three names until the package imports it)
-from pruners.base import ModelInfo, Pruner, Stage, TokenState
+from pruners.base import Pruner, Stage, TokenState
 from pruners.methods.ficoco import choose, compress, correlate, llm_step, local_penalty, vision_step
 from pruners.ops import compact_index
 
 NAMES = ("ficoco-v", "ficoco-l", "ficoco-vl")
 
 
-def llava15(**changes) -> ModelInfo:
-    fields = dict(
-        family="llava",
-        visual_tokens=576,
-        grid=(24, 24),
-        vision_layers=24,
-        vision_feature_layer=23,
-        llm_layers=32,
-        has_cls=True,
-    )
-    return ModelInfo(**{**fields, **changes})
+llava15 = llava15_info
 
 
-def built(name: str, model: ModelInfo, **kwargs) -> Pruner:
-    pruner = pruners.build(name, **kwargs)
-    pruner.setup(model)
-    return pruner
+built = setup_pruner
 
 
 def fake_probe(matrix: torch.Tensor):

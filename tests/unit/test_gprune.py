@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_inputs, slice_inputs
+from conftest import llava15_info, make_inputs, setup_pruner, slice_inputs
 
 import pruners
-import pruners.methods.gprune  # noqa: F401  (registers "gprune" until methods/__init__ imports it)
 from pruners.base import ModelInfo, Stage, TokenState
 from pruners.methods.gprune import graph_scores
 
 
 def info(visual_tokens: int = 576) -> ModelInfo:
     side = math.isqrt(visual_tokens)
-    return ModelInfo(
-        family="test",
-        visual_tokens=visual_tokens,
-        grid=(side, visual_tokens // side),
-        vision_layers=24,
-        vision_feature_layer=22,
-        llm_layers=32,
-        has_cls=True,
-    )
+    return llava15_info(visual_tokens=visual_tokens, grid=(side, visual_tokens // side), vision_feature_layer=22)
 
 
-def built(model: ModelInfo, **kwargs) -> pruners.Pruner:
-    pruner = pruners.build("gprune", **kwargs)
-    pruner.setup(model)
-    return pruner
+built = functools.partial(setup_pruner, "gprune")
 
 
 def output_state(hidden: torch.Tensor) -> TokenState:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import llava15_info, setup_pruner
 
 import pruners
 from pruners.base import ModelInfo, Stage, TokenState
@@ -20,14 +21,11 @@ def seeded():
 
 def info(visual_tokens: int = 576, grid: tuple[int, int] = (24, 24), vision_feature_layer: int = 23,
          llm_layers: int = 32) -> ModelInfo:
-    return ModelInfo(family="test", visual_tokens=visual_tokens, grid=grid, vision_layers=24,
-                     vision_feature_layer=vision_feature_layer, llm_layers=llm_layers, has_cls=True)
+    return llava15_info(visual_tokens=visual_tokens, grid=grid, vision_feature_layer=vision_feature_layer,
+                        llm_layers=llm_layers)
 
 
-def built(name: str, model: ModelInfo, **kwargs) -> pruners.Pruner:
-    pruner = pruners.build(name, **kwargs)
-    pruner.setup(model)
-    return pruner
+built = setup_pruner
 
 
 def output_state(hidden: torch.Tensor, grid: tuple[int, int]) -> TokenState:

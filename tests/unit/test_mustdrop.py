@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from conftest import make_inputs, slice_inputs, vision_state
+from conftest import llava15_info, make_inputs, setup_pruner, slice_inputs, vision_state
 
 import pruners
 from pruners.base import ModelInfo, Stage, TokenState
-from pruners.methods import mustdrop  # the import registers "mustdrop" (until the package imports it)
+from pruners.methods import mustdrop
 from pruners.methods.mustdrop import window_patches, window_similarity
 
 NEW_TOKENS = 4
@@ -19,28 +21,11 @@ def seeded():
     torch.manual_seed(0)
 
 
-def info(
-    visual_tokens: int = 576,
-    grid: tuple[int, int] = (24, 24),
-    llm_layers: int = 32,
-    vision_layers: int = 24,
-    vision_feature_layer: int = 23,
-) -> ModelInfo:
-    return ModelInfo(
-        family="test",
-        visual_tokens=visual_tokens,
-        grid=grid,
-        vision_layers=vision_layers,
-        vision_feature_layer=vision_feature_layer,
-        llm_layers=llm_layers,
-        has_cls=True,
-    )
+def info(visual_tokens: int = 576, grid: tuple[int, int] = (24, 24), **changes) -> ModelInfo:
+    return llava15_info(visual_tokens=visual_tokens, grid=grid, **changes)
 
 
-def built(model: ModelInfo, **kwargs) -> pruners.Pruner:
-    pruner = pruners.build("mustdrop", **kwargs)
-    pruner.setup(model)
-    return pruner
+built = functools.partial(setup_pruner, "mustdrop")
 
 
 def window_grid_tokens(noise: dict[int, float], grid=(6, 6), dim=16) -> torch.Tensor:

@@ -2,35 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
-from conftest import make_inputs, make_llava, slice_inputs
+from conftest import llava15_info, make_inputs, make_llava, setup_pruner, slice_inputs
 
 import pruners
 from pruners.base import ModelInfo, Stage, TokenState
-from pruners.methods import tokencarve  # noqa: F401  (registers "tokencarve" until methods/__init__ imports it)
 from pruners.methods.tokencarve import carve_counts
 
 PRE, POST = 2, 3  # text tokens before and after the image tokens
 
 
 def info(visual_tokens: int = 576, llm_layers: int = 32) -> ModelInfo:
-    return ModelInfo(
-        family="test",
-        visual_tokens=visual_tokens,
-        grid=(24, 24),
-        vision_layers=24,
-        vision_feature_layer=23,
-        llm_layers=llm_layers,
-        has_cls=True,
-    )
+    return llava15_info(visual_tokens=visual_tokens, llm_layers=llm_layers)
 
 
-def built(model: ModelInfo, **kwargs) -> pruners.Pruner:
-    pruner = pruners.build("tokencarve", **kwargs)
-    pruner.setup(model)
-    return pruner
+built = functools.partial(setup_pruner, "tokencarve")
 
 
 def llm_state(visual: list[torch.Tensor], av: list[torch.Tensor], images: list[int]) -> TokenState:
