@@ -163,6 +163,10 @@ class DecoderRunner:
     A hook runs after its whole layer, or, with `pruner.llm_hook_point == "attn"`, between the
     layer's attention residual and its MLP: that layer's KV cache keeps every token its attention
     saw, and its MLP and every later layer see the shorter sequence.
+
+    A hook's `state.extras`: "keys" (the layer's post-RoPE keys, from its probe) and "final_norm"
+    (the decoder's final norm module, for pruners that compare tokens as the LM head sees them: DART) and
+    "input_embeds" (the LLM input embeddings of the tokens present, slot-aligned: SparseVLM's raters).
     """
 
     def __init__(self, lm: nn.Module, pruner: Pruner, capture: ProjectionCapture, clock: Stopwatch) -> None:
@@ -191,6 +195,7 @@ class DecoderRunner:
     def prefill(self, seq: Sequence, cache, grid) -> tuple[Tensor, Sequence, list[LayerSlots], list[Tensor]]:
         """Returns the normed output, the final sequence, each layer's cache slots and token counts."""
         slots, counts = [], []
+        self._inputs = (seq.hidden, seq.origin, seq.valid)  # for extras["input_embeds"]
         mask = prefill_mask(seq.valid)
         layer_mask = self._mask(mask, seq.hidden.dtype)
         cos, sin = self.lm.rotary_emb(seq.hidden, position_ids=seq.positions)
@@ -223,7 +228,9 @@ class DecoderRunner:
         state = TokenState(
             hidden=seq.hidden, valid=seq.valid, visual=seq.visual, positions=seq.positions, origin=seq.origin,
             sizes=torch.ones_like(seq.valid, dtype=seq.hidden.dtype), stage=Stage.LLM_LAYER, layer=i, grid=grid,
-            num_images=seq.num_images, probe=probe, extras={"keys": probe.key}, protected=seq.protected,
+            num_images=seq.num_images, probe=probe,
+            extras={"keys": probe.key, "final_norm": self.lm.norm, "input_embeds": self._input_embeds(seq)},
+            protected=seq.protected,
         )
         new = self.clock.run(self.pruner.llm_layer, state)
         self.capture.clear()
@@ -235,6 +242,19 @@ class DecoderRunner:
             positions = (first + new.valid.long().cumsum(-1) - 1).masked_fill(~new.valid, 0)
         return Sequence(new.hidden, new.valid, new.visual, positions.masked_fill(~new.valid, 0), new.origin,
                         seq.num_images, new.protected)
+
+    def _input_embeds(self, seq: Sequence) -> Tensor:
+        """The LLM input embeddings of the tokens now present, slot-aligned by origin (zeros at padding)."""
+        hidden, origin, valid = self._inputs
+        if seq.origin.shape == origin.shape and torch.equal(seq.origin, origin):
+            return hidden
+        bsz, _, width = hidden.shape
+        # Scatter by origin into a full-length table (padding to an extra last column), then gather.
+        length = int(origin.max()) + 2
+        index = torch.where(valid, origin, length - 1)[..., None].expand(-1, -1, width)
+        table = hidden.new_zeros(bsz, length, width).scatter(1, index, hidden)
+        now = torch.where(seq.valid, seq.origin, length - 1)[..., None].expand(-1, -1, width)
+        return table.gather(1, now)
 
     def decode(self, hidden: Tensor, positions: Tensor, origin: Tensor, cache, slots: list[LayerSlots]) -> Tensor:
         """Runs q new tokens (B, q) through every layer against each layer's own cache."""

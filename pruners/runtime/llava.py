@@ -205,6 +205,8 @@ class LlavaRuntime:
             if layer is not None:
                 state.extras["vision_hidden"] = features.hidden
                 state.extras["vision_attention"] = _LazyVisionProbe(layer, features)
+            # Methods that merge CLIP features (PruMerge) project their result themselves.
+            state.extras["projector"] = self.core.multi_modal_projector
             state = self.clock.run(self.pruner.vision_output, state)
         return state, counts
 
@@ -253,7 +255,14 @@ class _LazyVisionProbe:
     def __init__(self, layer, features: TokenState) -> None:
         self.layer, self.features, self.probe = layer, features, None
 
-    def __call__(self, query_index: Tensor, heads: str = "mean", logits: bool = False) -> Tensor:
+    def _built(self) -> VisionProbe:
         if self.probe is None:
             self.probe = VisionProbe.from_input(self.layer, self.features.hidden, self.features.valid)
-        return self.probe(query_index, heads=heads, logits=logits)
+        return self.probe
+
+    def __call__(self, query_index: Tensor, heads: str = "mean", logits: bool = False) -> Tensor:
+        return self._built()(query_index, heads=heads, logits=logits)
+
+    def keys(self) -> Tensor:
+        """(B, heads, N, head_dim) keys of the layer, on the feature slots (CLS included)."""
+        return self._built().key

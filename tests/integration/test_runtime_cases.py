@@ -77,6 +77,40 @@ def test_renumbered_positions_are_contiguous():
     assert out.shape == (2, 4)
 
 
+class DropOddVisual(Pruner):
+    """Test pruner: after layer 0 drop every other visual token; records extras["input_embeds"] at layers 0 and 1."""
+
+    name = "test-drop-odd"
+    stages = frozenset({Stage.LLM_LAYER})
+
+    def __init__(self):
+        super().__init__()
+        self.llm_layers = (0, 1)
+        self.seen = {}
+
+    def llm_layer(self, state):
+        self.seen[state.layer] = (state.extras["input_embeds"].clone(), state.origin.clone(), state.valid.clone())
+        if state.layer == 1:
+            return state
+        odd = state.visual & (state.visual.long().cumsum(-1) % 2 == 0)
+        return state.keep(compact_index(state.valid & ~odd))
+
+
+def test_input_embeddings_follow_their_tokens_through_cuts():
+    model = make_llava(seed=4)
+    inputs = make_inputs(model, [3, 6])
+    pruner = DropOddVisual()
+    greedy(model, inputs, pruner, n=1)
+    first, origin0, valid0 = pruner.seen[0]
+    ids = inputs["input_ids"]
+    text = valid0 & (ids != model.config.image_token_id)
+    assert torch.equal(first[text], model.get_input_embeddings()(ids)[text])  # no vision cut: slot = origin
+    later, origin1, valid1 = pruner.seen[1]
+    assert later.shape[1] == first.shape[1] - 32
+    assert torch.equal(later[valid1], first.gather(1, origin1.clamp(min=0)[..., None].expand_as(later))[valid1])
+    assert (later[~valid1] == 0).all()
+
+
 def test_hooks_outside_the_model_are_rejected(tiny_llava):
     bad = DropAllVisual()
     bad.llm_layers = (3,)
