@@ -1,3 +1,14 @@
 """Training-free pruners, one file per method family. Importing this package registers them."""
 
-from . import fastv, ficoco, gprune, mustdrop, none, pool, random, tokencarve, tome  # noqa: F401
+from . import (  # noqa: F401
+    fastv,
+    ficoco,
+    gprune,
+    mustdrop,
+    none,
+    pool,
+    random,
+    sparsevlm,
+    tokencarve,
+    tome,
+)
