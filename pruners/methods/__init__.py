@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     gprune,
     mustdrop,
     none,
+    pdrop,
     pool,
     random,
     sparsevlm,
