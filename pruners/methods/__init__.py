@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     none,
     pdrop,
     pool,
+    prumerge,
     random,
     sparsevlm,
     tokencarve,
