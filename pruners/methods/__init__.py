@@ -3,6 +3,7 @@
 from . import (  # noqa: F401
     fastv,
     ficoco,
+    fitprune,
     gprune,
     mustdrop,
     none,
