@@ -1,6 +1,7 @@
 """Training-free pruners, one file per method family. Importing this package registers them."""
 
 from . import (  # noqa: F401
+    dart,
     fastv,
     ficoco,
     fitprune,
