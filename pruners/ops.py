@@ -1,6 +1,6 @@
 """Shared steps of token reduction, in the filter -> correlate -> compress vocabulary.
 
-filter:    `compact_index`, `topk_visual` (score tokens, choose what stays)
+filter:    `compact_index`, `row_rank`, `top_mask`, `topk_visual` (score tokens, choose what stays)
 correlate: `cosine_similarity`, `bipartite_soft_matching` (match dropped tokens to kept ones)
 compress:  `merge_weighted` (size-weighted merge of sources into destinations)
 probes:    `attention_rows` (head-reduced attention rows from queries and keys)
@@ -24,29 +24,40 @@ def compact_index(keep: Tensor) -> Tensor:
     slots = torch.arange(n, device=keep.device).expand_as(keep)
     # Sort key puts dropped slots first (they become the left padding) and kept slots in order.
     key = torch.where(keep, slots + n, slots)
-    order = key.sort(-1).values[:, n - width:] if width else key[:, :0]
+    order = key.sort(-1).values[:, n - width :] if width else key[:, :0]
     index = torch.where(order >= n, order - n, torch.full_like(order, -1))
     return index
+
+
+def row_rank(key: Tensor, mask: Tensor | None = None, descending: bool = True) -> Tensor:
+    """(B, N) rank of each slot in a stable sort of its row by `key` (0 = first; ties: the earlier slot
+    first). Slots outside `mask` rank after every slot inside it."""
+    key = key.double()  # exact for float32 scores and integer positions alike
+    if mask is not None:
+        key = key.masked_fill(~mask, float("-inf") if descending else float("inf"))
+    order = key.sort(dim=-1, descending=descending, stable=True).indices
+    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ranks)
+
+
+def top_mask(scores: Tensor, candidates: Tensor, k: int | Tensor) -> Tensor:
+    """(B, N) bool: the `k` (int or (B,)) highest-scoring `candidates` of each row, all of them if fewer.
+
+    Ties go to the earlier slot (deterministic across batch sizes); a candidate scored NaN or -inf
+    still ranks above every non-candidate, so a row always gets min(k, candidates).
+    """
+    low = torch.finfo(torch.float64).min
+    k = torch.as_tensor(k, device=scores.device).expand(scores.shape[0])
+    return candidates & (row_rank(scores.double().nan_to_num(nan=low, neginf=low), candidates) < k[:, None])
 
 
 def topk_visual(state: TokenState, scores: Tensor, k: int | Tensor) -> Tensor:
     """Index (B, K) keeping every valid non-visual token and the `k` best-scoring visual tokens.
 
-    `scores` (B, N) is read on visual slots only; `k` is an int or (B,) per-sample count
-    (clamped to the visual tokens a sample has). Order is preserved; ties go to the earlier slot.
+    `scores` (B, N) is read on visual slots only; `k` is an int or (B,) per-sample count. Order is
+    preserved; ties go to the earlier slot (see `top_mask`).
     """
-    cand = state.visual & state.valid
-    k_t = torch.as_tensor(k, device=scores.device).expand(state.batch_size)
-    k_t = torch.minimum(k_t, cand.sum(-1))
-    # Candidates whose score is -inf or NaN still rank above every non-candidate (-inf), so a
-    # sample always gets min(k, candidates) visual tokens.
-    low = torch.finfo(torch.float32).min
-    masked = scores.float().nan_to_num(nan=low, neginf=low).masked_fill(~cand, float("-inf"))
-    # Stable descending sort so equal scores keep the earlier token (deterministic across batch sizes).
-    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    chosen = cand & (rank < k_t[:, None])
+    chosen = top_mask(scores, state.visual & state.valid, k)
     return compact_index((state.valid & ~state.visual) | chosen)
 
 
@@ -92,8 +103,9 @@ def bipartite_soft_matching(metric: Tensor, r: int, candidates: Tensor) -> tuple
     return src, dst, torch.gather(best, 1, order)
 
 
-def merge_weighted(hidden: Tensor, sizes: Tensor, src: Tensor, dst: Tensor,
-                   weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def merge_weighted(
+    hidden: Tensor, sizes: Tensor, src: Tensor, dst: Tensor, weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Merge tokens `src` (B, r) into `dst` (B, r) by a size-weighted average.
 
     Each destination becomes (s_d x_d + sum_i w_i s_i x_i) / (s_d + sum_i w_i s_i), where s
@@ -107,14 +119,22 @@ def merge_weighted(hidden: Tensor, sizes: Tensor, src: Tensor, dst: Tensor,
     width = hidden.shape[-1]
     src_x = torch.gather(hidden.float(), 1, src[..., None].expand(-1, -1, width))
     total = (hidden.float() * sizes[..., None]).scatter_add(
-        1, dst[..., None].expand(-1, -1, width), src_x * src_w[..., None])
+        1, dst[..., None].expand(-1, -1, width), src_x * src_w[..., None]
+    )
     new_sizes = sizes.scatter_add(1, dst, src_w)
     merged = total / new_sizes.clamp_min(1e-6)[..., None]
     return merged.to(hidden.dtype), new_sizes
 
 
-def attention_rows(query: Tensor, key: Tensor, query_index: Tensor, scale: float,
-                   mask: Tensor | None, heads: str = "mean", logits: bool = False) -> Tensor:
+def attention_rows(
+    query: Tensor,
+    key: Tensor,
+    query_index: Tensor,
+    scale: float,
+    mask: Tensor | None,
+    heads: str = "mean",
+    logits: bool = False,
+) -> Tensor:
     """Attention of chosen query rows, from per-head queries and keys.
 
     Args:

@@ -70,7 +70,7 @@ import torch
 from torch import Tensor
 
 from ..base import ModelInfo, Pruner, Stage, TokenState, scale_layers
-from ..ops import compact_index, cosine_similarity
+from ..ops import compact_index, cosine_similarity, row_rank
 from ..registry import register
 
 PAPER_LLM_DEPTH = 32  # Vicuna-7B, for which K = 2 is given
@@ -85,14 +85,6 @@ def set_order(keys: list[int]) -> list[int]:
     """Positions of `keys` in the order a Python set of them iterates (the official visit order)."""
     where = {key: i for i, key in enumerate(keys)}
     return [where[key] for key in set(keys)]
-
-
-def descending_rank(scores: Tensor, candidates: Tensor) -> Tensor:
-    """(G, W) rank of each candidate's score in its row, 0 = highest; ties to the earlier slot."""
-    masked = scores.float().masked_fill(~candidates, float("-inf"))
-    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    return rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
 
 
 def take_least_duplicated(sim: Tensor, order: Tensor, quota: Tensor, free: Tensor) -> Tensor:
@@ -112,7 +104,7 @@ def take_least_duplicated(sim: Tensor, order: Tensor, quota: Tensor, free: Tenso
     for step in range(order.shape[1]):
         pivot = order[:, step]
         duplication = sim[rows, pivot.clamp(min=0)]  # (G, W)
-        pick = free & (descending_rank(-duplication, free) < quota[:, step, None]) & (pivot >= 0)[:, None]
+        pick = free & (row_rank(-duplication, free) < quota[:, step, None]) & (pivot >= 0)[:, None]
         taken |= pick
         free = free & ~pick
     return taken
@@ -258,7 +250,7 @@ class DART(Pruner):
         slots = torch.arange(state.num_tokens, device=scores.device).expand_as(state.valid)
         last_visual = torch.where(state.visual & state.valid, slots, -1).amax(-1, keepdim=True)
         text = state.valid & ~state.visual & (slots > last_visual)
-        rank = descending_rank(scores, text)
+        rank = row_rank(scores, text)
         order = rank.argsort(-1)[:, : self.text_pivots]  # slots by rank
         found = torch.gather(text, 1, order)
         return torch.where(found, order, -1)
@@ -274,7 +266,7 @@ class DART(Pruner):
         set_scores = scores[owner[:, None], safe]
         # Image pivots: the best-scoring tokens of each set ("exact": the `budget` best when budget <= image_pivots).
         n_image = torch.clamp(budget if self.count == "exact" else member.sum(-1), max=self.image_pivots)
-        rank = descending_rank(set_scores, member)
+        rank = row_rank(set_scores, member)
         is_pivot = member & (rank < n_image[:, None])
         image_cols = rank.argsort(-1)[:, : self.image_pivots]  # columns by descending score
         first_ones = torch.arange(image_cols.shape[1], device=slots.device) < n_image[:, None]

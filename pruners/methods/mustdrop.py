@@ -80,7 +80,7 @@ import torch
 from torch import Tensor
 
 from ..base import ModelInfo, Pruner, Stage, TokenState, scale_layers
-from ..ops import compact_index, cosine_similarity, topk_visual
+from ..ops import compact_index, cosine_similarity, row_rank, top_mask, topk_visual
 from ..registry import register
 
 PAPER_LLM_DEPTH = 32  # Vicuna-7B, for which prune_layers are given
@@ -109,19 +109,6 @@ def window_similarity(tokens: Tensor) -> Tensor:
     sims = cosine_similarity(tokens, tokens)  # (B, G, k, k)
     off = ~torch.eye(k, dtype=torch.bool, device=tokens.device)
     return (sims * off).sum((-1, -2)) / (k * (k - 1))
-
-
-def descending_rank(scores: Tensor) -> Tensor:
-    """(B, N) rank of each entry in a stable descending sort of its row (0 = highest)."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    return rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-
-
-def top_mask(scores: Tensor, candidates: Tensor, k: Tensor) -> Tensor:
-    """(B, N) bool: the k (B,) highest-scoring candidates of each row; ties go to the earlier slot."""
-    masked = scores.float().nan_to_num(nan=float("-inf")).masked_fill(~candidates, float("-inf"))
-    return candidates & (descending_rank(masked) < k[:, None])
 
 
 def dual_attention(state: TokenState) -> tuple[Tensor, Tensor]:
@@ -246,7 +233,7 @@ class MustDrop(Pruner):
         width = state.hidden.shape[-1]
         tokens = torch.gather(state.hidden, 1, members.view(bsz, -1, 1).expand(-1, -1, width)).view(bsz, n_win, k, -1)
         score = window_similarity(tokens)
-        rank = descending_rank(score)
+        rank = row_rank(score)
         chosen = (score >= self.tau) & (rank < self._max_merges(k))
         if not chosen.any():
             return state

@@ -69,7 +69,7 @@ import torch
 from torch import Tensor
 
 from ..base import ModelInfo, Pruner, Stage, TokenState
-from ..ops import compact_index, cosine_similarity
+from ..ops import compact_index, cosine_similarity, row_rank
 from ..registry import register
 
 MERGES = ("average", "official")
@@ -99,21 +99,13 @@ def iqr_outliers(attn: Tensor, candidates: Tensor) -> Tensor:
     return (candidates & (attn.double() > fence[:, None])).sum(-1)
 
 
-def rank_by(key: Tensor, mask: Tensor, descending: bool) -> Tensor:
-    """(B, N) rank of every masked slot by `key` (ties: earlier slot first); unmasked slots rank after them."""
-    fill = float("-inf") if descending else float("inf")
-    order = key.double().masked_fill(~mask, fill).sort(dim=-1, descending=descending, stable=True).indices
-    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, ranks)
-
-
 def spread(pool: Tensor, positions: Tensor, count: Tensor) -> Tensor:
     """(B, N) bool: `count` (B,) slots of `pool` spread evenly over it in patch order (count <= pool size).
 
     With U pool slots ranked r = 0..U-1 by position, the chosen ones are floor(i U / M), i = 0..M-1: rank r is
     chosen iff some integer i lies in [r M / U, (r + 1) M / U), i.e. ceil(r M / U) U < (r + 1) M.
     """
-    rank = rank_by(positions, pool, descending=False)
+    rank = row_rank(positions, pool, descending=False)
     size = pool.sum(-1, keepdim=True).clamp_min(1)
     m = count[:, None]
     return pool & ((rank * m + size - 1) // size * size < (rank + 1) * m)
@@ -220,14 +212,14 @@ class PruMerge(Pruner):
         attn, keys, feats, project = self._signals(state)
         candidates = state.visual & state.valid
         outliers, samples = self._counts(attn, candidates)
-        rank = rank_by(attn, candidates, descending=True)
+        rank = row_rank(attn, candidates, descending=True)
         top = candidates & (rank < outliers[:, None])
         sampled = self._samples(top, candidates, state.positions, samples) & ~top
         kept = top | sampled
         pruned = candidates & ~kept
         extra = pruned.any(-1) & self.extra_token  # (B,)
         # The extra token lives in the slot of the last pruned patch (any pruned slot would do).
-        host = extra[:, None] & (rank_by(state.positions, pruned, descending=True) == 0) & pruned
+        host = extra[:, None] & (row_rank(state.positions, pruned, descending=True) == 0) & pruned
         index = compact_index(kept | host)
 
         x = state.hidden if feats is None else feats
@@ -250,7 +242,7 @@ class PruMerge(Pruner):
             return positions
         first = torch.where(candidates, positions, positions.max() + 1).amin(-1, keepdim=True)
         n_top = top.sum(-1, keepdim=True)
-        sample_rank = rank_by(positions, sampled, descending=False)
+        sample_rank = row_rank(positions, sampled, descending=False)
         out = torch.where(top, rank, positions - first)
         out = torch.where(sampled, n_top + sample_rank, out)
         return first + torch.where(host, n_top + sampled.sum(-1, keepdim=True), out)

@@ -81,7 +81,7 @@ import torch
 from torch import Tensor
 
 from ..base import ModelInfo, Pruner, Stage, TokenState, scale_layers
-from ..ops import compact_index
+from ..ops import compact_index, top_mask
 from ..registry import register
 
 PAPER_LLM_DEPTH = 32  # Vicuna-7B, for which prune_layers are given
@@ -212,19 +212,6 @@ def cluster_means(x: Tensor, assign: Tensor, width: int) -> tuple[Tensor, Tensor
 
 
 # -- small helpers -------------------------------------------------------------------------------
-def descending_rank(scores: Tensor) -> Tensor:
-    """(B, N) rank of each entry in a stable descending sort of its row (0 = highest)."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    return rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-
-
-def top_mask(scores: Tensor, candidates: Tensor, k: Tensor) -> Tensor:
-    """(B, N) bool: the k (B,) highest-scoring candidates; ties go to the earlier slot."""
-    masked = scores.float().nan_to_num(nan=float("-inf")).masked_fill(~candidates, float("-inf"))
-    return candidates & (descending_rank(masked) < k[:, None])
-
-
 def official_counts(
     keep: tuple[int, ...], visual: int = PAPER_VISUAL_TOKENS, ratio: float = 0.3, per_cluster: int = 10
 ) -> list[int]:

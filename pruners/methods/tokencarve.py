@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from ..base import ModelInfo, Pruner, Stage, TokenState
-from ..ops import compact_index, cosine_similarity, merge_weighted
+from ..ops import compact_index, cosine_similarity, merge_weighted, row_rank
 from ..registry import register
 
 MODES = ("ipgs", "sv", "av")
@@ -81,17 +81,10 @@ def information_scores(x: Tensor, solver: str = "gram") -> Tensor:
     return (q * eigenvalues.clamp_min(0).sqrt()).abs().sum(-1).float()
 
 
-def descending_rank(scores: Tensor, real: Tensor) -> Tensor:
-    """(B, N) rank of each score within its row, 0 = highest; ties to the earlier slot, padding last."""
-    order = torch.sort(scores.masked_fill(~real, float("-inf")), dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    return rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-
-
 def borda(av: Tensor, sv: Tensor, real: Tensor, weight: float) -> Tensor:
     """IPGS_i = w (N - rank_AV) + (1 - w) (N - rank_SV), N = real tokens of the row; padding -inf."""
     n = real.sum(-1, keepdim=True)
-    score = weight * (n - descending_rank(av, real)) + (1 - weight) * (n - descending_rank(sv, real))
+    score = weight * (n - row_rank(av, real)) + (1 - weight) * (n - row_rank(sv, real))
     return score.float().masked_fill(~real, float("-inf"))
 
 

@@ -68,7 +68,7 @@ import torch
 from torch import Tensor
 
 from ..base import ModelInfo, Pruner, Stage, TokenState
-from ..ops import cosine_similarity
+from ..ops import cosine_similarity, top_mask
 from ..registry import register
 
 DEFAULT_BUDGET = 64  # README / paper headline: 54 dominant + 10 contextual
@@ -80,16 +80,6 @@ def split_budget(budget: int) -> tuple[int, int]:
     """(dominant, contextual) for a budget: the paper's 10-of-64 contextual share, rounded half up."""
     contextual = (5 * budget + 16) // 32  # floor(5 * budget / 32 + 1/2)
     return budget - contextual, contextual
-
-
-def top_mask(scores: Tensor, candidates: Tensor, k: int) -> Tensor:
-    """(B, N) bool: the k highest-scoring candidates of each row; ties go to the earlier slot."""
-    masked = scores.float().nan_to_num(nan=float("-inf")).masked_fill(~candidates, float("-inf"))
-    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
-    )
-    return candidates & (rank < k)
 
 
 def contextual_targets(remaining: Tensor, count: int) -> Tensor:
