@@ -172,9 +172,11 @@ class Pruner(nn.Module):
             official code) instead of keeping their original ones (the default).
         proportional_attention: vision layers add log(size) of merged tokens to attention
             logits (ToMe).
-        llm_hook_point: "block" (default: `llm_layer` runs after the whole decoder layer) or
-            "attn" (after the attention residual, before the MLP, as FiCoCo-L merges); the
-            hooked layer's KV cache then holds every token its attention saw.
+        llm_hook_point: "block" (default: `llm_layer` runs after the whole decoder layer),
+            "attn" (after the attention residual, before the MLP, as FiCoCo-L merges; the
+            hooked layer's KV cache then holds every token its attention saw) or "pre" (before
+            the layer, its probe built from that layer's own norm and q/k on the incoming
+            tokens, as PDrop scores). An instance may override it.
     Instance attributes set in `__init__` or `setup`:
         budget: visual tokens per image that reach the LLM's last layer (None: method default).
         vision_layers: vision layers after which `vision_layer` runs.

@@ -24,18 +24,12 @@ official code. Steps of this file:
 
 Which layer scores (`scoring_layer`). The official code scores with the NEXT stage's first layer l: it applies
 layer l's input RMSNorm, q_proj and k_proj (+ RoPE) to the output of layer l - 1 and then runs layer l on the kept
-tokens. The runtime's probe gives a layer's attention from the queries and keys that layer itself computed, so:
-  * "stage_end" (default): the hook runs after layer l - 1 and scores with that layer's attention (the last layer
-    of the finished stage, "at the end of each stage"; the paper's exact wording on the layer could not be
-    checked); layer l is the first with fewer tokens, as official, so
-    every per-layer token count, FLOP and KV-cache figure equals the official one. The score is one layer earlier
-    than the official code's.
-  * "official": the hook runs inside layer l, after its attention residual and before its MLP
-    (`llm_hook_point = "attn"`), and scores with layer l's own attention on the output of layer l - 1: the
-    official code's signal, exactly. But layer l's attention (and KV cache) still holds every token of the stage;
-    its MLP and later layers see the kept ones.
-  Exact official behaviour (official signal AND cut before layer l) needs a runtime hook that runs before a layer
-  with a probe built from that layer's own norm and projections; the runtime does not offer one yet.
+tokens.
+  * "official" (default): exactly that. The hook runs before layer l (`llm_hook_point = "pre"`): the runtime
+    applies layer l's norm and q/k projections to the incoming tokens for the probe (one extra projection, as
+    the official code), and the whole of layer l sees the kept tokens.
+  * "stage_end": the hook runs after layer l - 1 and scores with that layer's own attention (the last layer
+    of the finished stage); the cut, counts, FLOPs and KV cache are the same, the score one layer earlier.
 
 Budget (DESIGN.md: visual tokens per image reaching the LLM's LAST layer).
   * `budget=None`: the paper's fixed lambda schedule (`image_token_ratio_list` or `lam`); `budget` then holds the
@@ -47,12 +41,12 @@ Budget (DESIGN.md: visual tokens per image reaching the LLM's LAST layer).
     277 -> 133 -> 64; T = N keeps everything (no cut, the unpruned model).
 
 Layer schedules are given for Vicuna-7B (32 layers) and mapped to other depths with `pruners.base.scale_layers`,
-then clipped to the cuts the runtime allows (first shorter layer 1..L-1 for "stage_end", hook layer 0..L-2 for
-"official"); stages that land on the same layer merge and keep the deepest stage's count: (8, 16, 24) become
-first-shorter layers 1, 2, 3 (hooks after 0, 1, 2) on a 4-layer decoder.
+then clipped to first shorter layers 1..L-1; stages that land on the same layer merge and keep the deepest stage's
+count: (8, 16, 24) become first-shorter layers 1, 2, 3 on a 4-layer decoder (hooks before 1, 2, 3 for "official",
+after 0, 1, 2 for "stage_end").
 
 Deviations from the official code:
-  * `scoring_layer` above (the default scores one layer earlier; "official" cuts one attention later).
+  * `scoring_layer="stage_end"` (not the default) scores one layer earlier than the official code.
   * The official code loops over a right-padded batch with one image per sample and fixed counts int(N * ratio);
     here the image span and the last token are found per sample in a left-padded batch (vectorised), and a
     sample with several images keeps count x images of its visual tokens, chosen jointly. Text-only samples are
@@ -77,7 +71,7 @@ from ..registry import register
 PAPER_LLM_DEPTH = 32  # Vicuna-7B, for which layer_list is given
 PAPER_LAYERS = (8, 16, 24)  # first layer of each new stage (official scripts: --layer_list '[8,16,24]')
 PAPER_LAMBDA = 0.5  # ratios 0.5, 0.25, 0.125 (official scripts: --image_token_ratio_list "[1.0,0.5,0.25,0.125]")
-SCORING_LAYERS = ("stage_end", "official")
+SCORING_LAYERS = ("official", "stage_end")
 
 
 def paper_counts(visual_tokens: int, ratios: tuple[float, ...]) -> tuple[int, ...]:
@@ -134,7 +128,7 @@ class PDrop(Pruner):
         image_token_ratio_list: fraction of the N image tokens kept by each stage (budget=None only). None:
             lam ** 1, lam ** 2, ... (the paper's (0.5, 0.25, 0.125)).
         lam: the paper's lambda, in (0, 1) (default 0.5); give it or `image_token_ratio_list`, not both.
-        scoring_layer: "stage_end" (default) or "official"; see the module docstring.
+        scoring_layer: "official" (default) or "stage_end"; see the module docstring.
     """
 
     name = "pdrop"
@@ -147,7 +141,7 @@ class PDrop(Pruner):
         layer_list: tuple[int, ...] = PAPER_LAYERS,
         image_token_ratio_list: tuple[float, ...] | None = None,
         lam: float | None = None,
-        scoring_layer: str = "stage_end",
+        scoring_layer: str = "official",
     ) -> None:
         super().__init__(budget)
         self.layer_list = _check_layers(layer_list)
@@ -167,8 +161,8 @@ class PDrop(Pruner):
         if scoring_layer not in SCORING_LAYERS:
             raise ValueError(f"pdrop: scoring_layer must be one of {SCORING_LAYERS}, got {scoring_layer!r}")
         self.scoring_layer = scoring_layer
-        # "official" scores with the cut layer's own attention: the hook sits inside it, after the attention.
-        self.llm_hook_point = "attn" if scoring_layer == "official" else "block"
+        # "official" scores with the cut layer's own norm and q/k on the incoming tokens: a hook before it.
+        self.llm_hook_point = "pre" if scoring_layer == "official" else "block"
         self.stage_counts: tuple[int, ...] = ()
         self._count_at: dict[int, int] = {}
 
@@ -196,9 +190,10 @@ class PDrop(Pruner):
     def _hook_layers(self, depth: int) -> tuple[int, ...]:
         """Hook layer of each stage on a `depth`-layer decoder (one per entry of layer_list, repeats allowed)."""
         first = [scale_layers((layer,), PAPER_LLM_DEPTH, depth)[0] for layer in self.layer_list]
-        if self.scoring_layer == "official":  # hook inside the first shorter layer: 0..depth-2
-            return tuple(min(max(layer, 0), depth - 2) for layer in first)
-        return tuple(min(max(layer, 1), depth - 1) - 1 for layer in first)  # hook after the layer before it
+        first = [min(max(layer, 1), depth - 1) for layer in first]  # the first shorter layer: 1..depth-1
+        if self.scoring_layer == "official":  # hook before it
+            return tuple(first)
+        return tuple(layer - 1 for layer in first)  # hook after the layer before it
 
     def scores(self, state: TokenState) -> Tensor:
         """(B, N) head-mean softmax attention of each sample's last token (the last instruction token) to every

@@ -105,9 +105,9 @@ def decode_mask(past_valid: Tensor, q: int) -> Tensor:
 
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-# Where an LLM_LAYER hook runs inside its layer: after the whole layer, or after the attention
-# residual and before the MLP (FiCoCo-L). See `Pruner.llm_hook_point`.
-LLM_HOOK_POINTS = ("block", "attn")
+# Where an LLM_LAYER hook runs: after the whole layer, after the attention residual and before the
+# MLP (FiCoCo-L), or before the layer with its own queries and keys (PDrop). See `Pruner.llm_hook_point`.
+LLM_HOOK_POINTS = ("block", "attn", "pre")
 
 
 def as_attention_mask(mask: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
@@ -157,12 +157,22 @@ class Sequence:
         return LayerSlots(self.valid, self.origin, self.visual & self.valid)
 
 
+def _project(seq: Sequence, layer: nn.Module) -> None:
+    """Layer `layer`'s input norm and q/k projections on the incoming tokens, for a "pre" hook's probe
+    (the capture keeps the outputs; the layer's own forward later recomputes them on the kept tokens)."""
+    x = layer.input_layernorm(seq.hidden)
+    layer.self_attn.q_proj(x)
+    layer.self_attn.k_proj(x)
+
+
 class DecoderRunner:
     """Runs a LLaMA-style decoder (embed -> layers -> norm) with pruner hooks.
 
     A hook runs after its whole layer, or, with `pruner.llm_hook_point == "attn"`, between the
     layer's attention residual and its MLP: that layer's KV cache keeps every token its attention
-    saw, and its MLP and every later layer see the shorter sequence.
+    saw, and its MLP and every later layer see the shorter sequence. With "pre" it runs before the
+    layer: the probe applies the layer's input norm and q/k projections to the incoming tokens (one
+    extra projection, as PDrop's official code), and the whole layer sees the shorter sequence.
 
     A hook's `state.extras`: "keys" (the layer's post-RoPE keys, from its probe) and "final_norm"
     (the decoder's final norm module, for pruners that compare tokens as the LM head sees them: DART) and
@@ -180,10 +190,12 @@ class DecoderRunner:
             raise ValueError(f"{pruner.name}: llm_hook_point {pruner.llm_hook_point!r} is not supported; "
                              f"allowed: {', '.join(LLM_HOOK_POINTS)}")
         self.mid = pruner.llm_hook_point == "attn"
-        bad = sorted(i for i in self.hook_layers if not 0 <= i < len(self.layers) - 1)
+        self.pre = pruner.llm_hook_point == "pre"
+        # A cut after the last layer would change nothing; a cut before a layer may be before any.
+        last = len(self.layers) - (1 if self.pre else 2)
+        bad = sorted(i for i in self.hook_layers if not 0 <= i <= last)
         if bad:
-            raise ValueError(f"{pruner.name}: LLM layer hooks {bad} out of range: allowed 0..{len(self.layers) - 2} "
-                             "(a cut after the last layer would change nothing)")
+            raise ValueError(f"{pruner.name}: LLM layer hooks {bad} out of range: allowed 0..{last}")
         self.implementation = lm.config._attn_implementation
         if self.implementation not in SUPPORTED_ATTENTION:
             raise ValueError(f"attention implementation {self.implementation!r} is not supported by the runtime; "
@@ -200,11 +212,14 @@ class DecoderRunner:
         layer_mask = self._mask(mask, seq.hidden.dtype)
         cos, sin = self.lm.rotary_emb(seq.hidden, position_ids=seq.positions)
         for i, layer in enumerate(self.layers):
+            if self.pre and i in self.hook_layers:
+                self.clock.run(_project, seq, layer)  # the pruner's cost, so its clock
+                seq, mask, layer_mask, cos, sin = self._apply_cut(seq, i, layer, cos, sin, mask, layer_mask, grid)
             slots.append(seq.slots())
             counts.append(torch.stack([seq.valid.sum(-1), (seq.visual & seq.valid).sum(-1)]))
             args = {"attention_mask": layer_mask, "position_embeddings": (cos, sin), "position_ids": seq.positions,
                     "past_key_values": cache, "use_cache": cache is not None}
-            hooked = i in self.hook_layers
+            hooked = i in self.hook_layers and not self.pre
             if hooked and self.mid:
                 # LlamaDecoderLayer.forward split at the residual after attention: the cut happens
                 # between attention and MLP, so this layer's cache holds every token its attention saw.
@@ -213,15 +228,19 @@ class DecoderRunner:
             else:
                 seq.hidden = layer(seq.hidden, **args)
             if hooked:
-                new = self._cut(seq, i, layer, cos, sin, mask, grid)
-                if new is not None:
-                    seq = new
-                    mask = prefill_mask(seq.valid)
-                    layer_mask = self._mask(mask, seq.hidden.dtype)
-                    cos, sin = self.lm.rotary_emb(seq.hidden, position_ids=seq.positions)
+                seq, mask, layer_mask, cos, sin = self._apply_cut(seq, i, layer, cos, sin, mask, layer_mask, grid)
             if hooked and self.mid:
                 seq.hidden = seq.hidden + layer.mlp(layer.post_attention_layernorm(seq.hidden))
         return self.lm.norm(seq.hidden), seq, slots, counts
+
+    def _apply_cut(self, seq: Sequence, i: int, layer, cos, sin, mask, layer_mask, grid) -> tuple:
+        """Runs the hook; returns the (possibly new) sequence with its masks and rotary tables."""
+        new = self._cut(seq, i, layer, cos, sin, mask, grid)
+        if new is None:
+            return seq, mask, layer_mask, cos, sin
+        mask = prefill_mask(new.valid)
+        cos, sin = self.lm.rotary_emb(new.hidden, position_ids=new.positions)
+        return new, mask, self._mask(mask, new.hidden.dtype), cos, sin
 
     def _cut(self, seq: Sequence, i: int, layer, cos, sin, mask, grid) -> Sequence | None:
         probe = LLMProbe(layer, self.capture, cos, sin, mask)

@@ -82,20 +82,20 @@ def kept_visual(out: TokenState, state: TokenState, b: int = 0) -> list[int]:
 def test_kept_tokens_are_the_top_of_the_last_instruction_tokens_attention():
     row = torch.tensor([[0.05, 0.30, 0.01, 0.20, 0.02, 0.25, 0.03, 0.14]])
     pruner = built(info(8))  # paper schedule on 8 tokens: 4 -> 2 -> 1
-    state, calls = llm_state(row, [0], layer=7)
+    state, calls = llm_state(row, [0], layer=8)  # a hook before layer 8, the first of stage 2
     out = pruner.llm_layer(state)
     assert calls == [([[12]], "mean", False)]  # one query row: the last slot, head mean, probabilities
     assert kept_visual(out, state) == [1, 3, 5, 7]  # top 4 of the row, in their original order
     text = ~out.visual[0] & out.valid[0]
     assert out.origin[0][text].tolist() == [0, 1, 10, 11, 12]  # every text token stays
-    last, _ = llm_state(row, [0], layer=23)
+    last, _ = llm_state(row, [0], layer=24)
     assert kept_visual(pruner.llm_layer(last), last) == [1]  # the last stage keeps 1
-    assert pruner.llm_layer(llm_state(row, [0], layer=8)[0]).num_tokens == 13  # not a stage end: untouched
+    assert pruner.llm_layer(llm_state(row, [0], layer=9)[0]).num_tokens == 13  # not a stage start: untouched
 
 
 def test_each_sample_of_a_padded_batch_ranks_its_own_last_row():
     rows = torch.tensor([[0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6], [0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4]])
-    state, calls = llm_state(rows, [3, 0], layer=7)
+    state, calls = llm_state(rows, [3, 0], layer=8)
     out = built(info(8)).llm_layer(state)
     assert calls[0][0] == [[15], [15]]  # the last slot of each sample
     assert kept_visual(out, state, 0) == [1, 3, 5, 7] and kept_visual(out, state, 1) == [0, 2, 4, 6]
@@ -103,7 +103,7 @@ def test_each_sample_of_a_padded_batch_ranks_its_own_last_row():
 
 
 def test_a_sample_with_two_images_keeps_count_times_images():
-    state, _ = llm_state(torch.arange(16.0)[None], [0], layer=7, images=[2])
+    state, _ = llm_state(torch.arange(16.0)[None], [0], layer=8, images=[2])
     out = built(info(8)).llm_layer(state)
     assert kept_visual(out, state) == list(range(8, 16))  # 2 x 4, chosen jointly over both images
 
@@ -132,7 +132,7 @@ def run_stages(pruner, n: int) -> list[int]:
 )
 def test_counts_per_stage_follow_the_pyramid(kwargs, counts):
     pruner = built(info(), **kwargs)
-    assert pruner.llm_layers == (7, 15, 23)  # layers 8, 16, 24 are the first with fewer tokens
+    assert pruner.llm_layers == (8, 16, 24)  # hooks before layers 8, 16, 24, the first with fewer tokens
     assert run_stages(pruner, 576) == counts == list(pruner.stage_counts)
     assert pruner.budget == counts[-1]
 
@@ -155,15 +155,15 @@ def test_keep_everything_budget_makes_no_cut():
         (32, "stage_end", (7, 15, 23), (32, 16, 8)),
         (32, "official", (8, 16, 24), (32, 16, 8)),
         (4, "stage_end", (0, 1, 2), (32, 16, 8)),  # first shorter layers 1, 2, 3
-        (4, "official", (1, 2), (32, 8)),  # hook 3 clipped to 2: stages 2 and 3 merge, the deeper count wins
-        (2, "stage_end", (0,), (8,)),
-        (2, "official", (0,), (8,)),
+        (4, "official", (1, 2, 3), (32, 16, 8)),  # hooks before layers 1, 2, 3
+        (2, "stage_end", (0,), (8,)),  # first shorter layer 1 for every stage: the deepest count wins
+        (2, "official", (1,), (8,)),
     ],
 )
 def test_layer_list_scales_to_the_decoder_depth(depth, scoring, layers, counts):
     pruner = built(info(64, llm_layers=depth), scoring_layer=scoring)
     assert pruner.llm_layers == layers and pruner.stage_counts == counts
-    assert pruner.llm_hook_point == ("attn" if scoring == "official" else "block")
+    assert pruner.llm_hook_point == ("pre" if scoring == "official" else "block")
     budget = built(info(64, llm_layers=depth), scoring_layer=scoring, budget=8)
     assert budget.llm_layers == layers and budget.stage_counts[-1] == 8
 
@@ -182,7 +182,7 @@ def test_layer_list_scales_to_the_decoder_depth(depth, scoring, layers, counts):
         ({"lam": 1.0}, r"lam \(the paper's lambda\) must be a number in \(0, 1\), got 1.0"),
         ({"lam": 0.5, "image_token_ratio_list": (0.5, 0.25, 0.1)}, r"give lam or image_token_ratio_list, not both"),
         ({"budget": 64, "lam": 0.5}, r"budget 64 sets its own geometric schedule; .* allowed only with budget=None"),
-        ({"scoring_layer": "next"}, r"scoring_layer must be one of \('stage_end', 'official'\), got 'next'"),
+        ({"scoring_layer": "next"}, r"scoring_layer must be one of \('official', 'stage_end'\), got 'next'"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs, message):
@@ -213,7 +213,7 @@ def generate(model, inputs, pruner=None, report=False, **kw):
     return (out, rep.as_dict()) if report else out
 
 
-@pytest.mark.parametrize("kwargs", [{"budget": 32}, {}, {"budget": 32, "scoring_layer": "official"}])
+@pytest.mark.parametrize("kwargs", [{"budget": 32}, {}, {"budget": 32, "scoring_layer": "stage_end"}])
 def test_batched_equals_one_by_one(tiny_llava, kwargs):
     inputs = make_inputs(tiny_llava, [3, 9], seed=1)
     batched = generate(tiny_llava, inputs, pruners.build("pdrop", **kwargs))
@@ -226,7 +226,7 @@ def test_batched_equals_one_by_one(tiny_llava, kwargs):
     "kwargs, per_layer",
     [
         ({"budget": 32}, [64, 51, 40, 32]),  # geometric 64 -> 32 over 3 stages
-        ({"budget": 32, "scoring_layer": "official"}, [64, 64, 45, 32]),  # 2 stages, inside layers 1 and 2
+        ({"budget": 32, "scoring_layer": "stage_end"}, [64, 51, 40, 32]),  # the same cuts, scored a layer earlier
         ({}, [64, 32, 16, 8]),  # paper: lambda = 0.5
     ],
 )
