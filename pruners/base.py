@@ -168,8 +168,9 @@ class Pruner(nn.Module):
     Class attributes a subclass sets:
         name: registry name.
         stages: the stages it acts at.
-        renumber_positions: kept tokens get contiguous position ids after a cut (MustDrop, PDrop
-            official code) instead of keeping their original ones (the default).
+        renumber_positions: kept tokens get contiguous position ids at the LLM input and after
+            every cut (MustDrop, PDrop, VisionZip official code) instead of keeping their
+            original ones (the default).
         proportional_attention: vision layers add log(size) of merged tokens to attention
             logits (ToMe).
         llm_hook_point: "block" (default: `llm_layer` runs after the whole decoder layer),

@@ -60,9 +60,8 @@ Deviations from the official code, all deliberate (METHODS §3 quirks):
     are tracked for reporting only.
   * FiCoCo-L merges up to layer L-2, not L-1: the official 27th merge sits inside the last layer and changes no
     output, so r = 14 leaves 212 tokens at the last layer here (198 after it in the code).
-  * The official LLaVA feeds FiCoCo-V's tokens to the LLM with contiguous positions; the runtime keeps the
-    image slots' original positions unless a decoder cut renumbers them (so ``ficoco-v`` keeps gaps,
-    ``ficoco-l``/``-vl`` renumber at their first decoder cut; ``-vl`` always makes one).
+  * None in positions: as the official LLaVA, the LLM sees contiguous positions (``renumber_positions``: the
+    runtime renumbers FiCoCo-V's shorter sequence at the LLM input and FiCoCo-L's after every cut).
   * A sample with several images merges budget-per-image times its image count jointly over all its visual
     tokens; a text-only sample is left alone.
 """
@@ -401,7 +400,6 @@ class _FiCoCo(Pruner):
         schedule = constant(tokens, r or DEFAULT_R_LLM, layers) if remove is None else spread(remove, layers)
         self.llm_schedule = {layer: r for layer, r in schedule.items() if r > 0}
         self.llm_layers = tuple(self.llm_schedule)
-        self._first_llm_layer = layers[0]
         return sum(self.llm_schedule.values())
 
     def vision_layer(self, state: TokenState) -> TokenState:
@@ -435,6 +433,7 @@ class FiCoCoV(_FiCoCo):
 
     name = "ficoco-v"
     stages = frozenset({Stage.VISION_LAYER})
+    renumber_positions = True
 
     def __init__(
         self,
@@ -573,8 +572,6 @@ class FiCoCoVL(_FiCoCo):
             removed_v = min(math.floor(self.vision_share * (n - self.budget) + 0.5), patches - 1)
             self._setup_vision(info, removed_v, None)
             removed_l = self._setup_llm(info, n - removed_v, n - self.budget - removed_v, None)
-        if removed_v and not self.llm_layers:  # one (empty) decoder cut renumbers the positions
-            self.llm_layers = (self._first_llm_layer,)
         self.budget = n - removed_v - removed_l
 
     def extra_repr(self) -> str:

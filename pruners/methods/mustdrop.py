@@ -63,9 +63,8 @@ Deviations from the official code:
   * The official code is batch 1 with a hard-coded system-prompt length of 35; here the visual and
     text spans are found per sample. With several images in a sample the rows are the text after
     its last visual token and all its visual tokens are candidates.
-  * Positions: before the first LLM cut, tokens keep the runtime's positions (text after the image
-    keeps its original id, so the ids jump over the merged-away slots; official feeds the merged
-    sequence with contiguous ids). During decoding the official code gives the new token, in each
+  * Positions: contiguous from the LLM input on, as official (the runtime renumbers the merged
+    sequence and every cut, `renumber_positions`). During decoding the official code gives the new token, in each
     layer, that layer's cache length, so layers before the first pruning layer (full cache) use
     other positions than the rest; we do not replicate this: one position scheme for every layer,
     the runtime's renumbering shift.
@@ -320,8 +319,8 @@ class MustDrop(Pruner):
         if self.budget is None:
             weak = (total < self.global_thr * global_sum) & (peak < self.individual_thr)
             drop = visual & weak & ~protected
-            # A cut even when nothing is dropped: the runtime then renumbers positions at every pruning
-            # layer, as the official code does (it also closes the gaps the window merge left).
+            # A cut even when nothing is dropped: the runtime renumbers positions at every pruning
+            # layer, as the official code does.
             return state.keep(compact_index(state.valid & ~drop))
         score = torch.maximum(total / (self.global_thr * global_sum).clamp_min(1e-30), peak / self.individual_thr)
         score = score.masked_fill(protected, float("inf"))

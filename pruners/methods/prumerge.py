@@ -46,7 +46,7 @@ every patch (all still merge, so it does not reproduce the unpruned model) and a
 Token order (``order``). The runtime puts each token in the image slot named by its `positions`. "official"
 (default) gives the official sequence [kept by descending a, then samples by patch index, then the extra token]
 the image's first slots; "raster" leaves kept tokens at their own patch slots and puts the extra token in the slot
-of the last pruned patch.
+of the last pruned patch. Either way the LLM sees contiguous position ids, as official (`renumber_positions`).
 
 Deviations from the official code:
   * None in merge space: as the official code, merging runs on the CLIP features (`extras["vision_hidden"]`,
@@ -163,6 +163,7 @@ class PruMerge(Pruner):
 
     name = "prumerge"
     stages = frozenset({Stage.VISION_OUTPUT})
+    renumber_positions = True  # the official LLM sequence is contiguous
 
     def __init__(
         self,

@@ -50,10 +50,8 @@ slot, so tokens stay in raster order with their original position ids; at `budge
 reproduces the unpruned model exactly ("official" then permutes the tokens).
 
 Deviations from the official code:
-  * Positions: the official LLaVA sequence is contiguous (the text after the image follows the last
-    image token). vtprune's runtime keeps original position ids at the LLM input, so the text after
-    the image keeps its unpruned ids (a gap of N - budget); only a runtime option could renumber
-    there (the same limitation MustDrop's docstring records).
+  * None in positions: the LLM sequence is contiguous, as official (`renumber_positions`: the text after
+    the image follows the last kept image token).
   * CLS dropped by default (above); `keep_cls=True` restores the official behaviour.
   * float32 scoring and merging (official: model dtype); ties in CLS attention go to the earlier
     patch (official `topk` leaves them unspecified), ties in key similarity to the earlier target.
@@ -138,6 +136,7 @@ class VisionZip(Pruner):
 
     name = "visionzip"
     stages = frozenset({Stage.VISION_LAYER})
+    renumber_positions = True  # the official LLM sequence is contiguous
 
     def __init__(
         self,

@@ -157,6 +157,13 @@ class Sequence:
         return LayerSlots(self.valid, self.origin, self.visual & self.valid)
 
 
+def contiguous_positions(positions: Tensor, valid: Tensor, new_valid: Tensor) -> Tensor:
+    """Positions first, first + 1, ... over the `new_valid` slots, first = each sample's smallest valid
+    position before the cut (0 at padding)."""
+    first = positions.masked_fill(~valid, torch.iinfo(positions.dtype).max).amin(-1, keepdim=True)
+    return (first + new_valid.long().cumsum(-1) - 1).masked_fill(~new_valid, 0)
+
+
 def _project(seq: Sequence, layer: nn.Module) -> None:
     """Layer `layer`'s input norm and q/k projections on the incoming tokens, for a "pre" hook's probe
     (the capture keeps the outputs; the layer's own forward later recomputes them on the kept tokens)."""
@@ -207,6 +214,8 @@ class DecoderRunner:
     def prefill(self, seq: Sequence, cache, grid) -> tuple[Tensor, Sequence, list[LayerSlots], list[Tensor]]:
         """Returns the normed output, the final sequence, each layer's cache slots and token counts."""
         slots, counts = [], []
+        if self.pruner.renumber_positions:  # close the gaps a vision-stage cut left, as a shorter input would
+            seq.positions = contiguous_positions(seq.positions, seq.valid, seq.valid)
         self._inputs = (seq.hidden, seq.origin, seq.valid)  # for extras["input_embeds"]
         mask = prefill_mask(seq.valid)
         layer_mask = self._mask(mask, seq.hidden.dtype)
@@ -257,8 +266,7 @@ class DecoderRunner:
             return None
         positions = new.positions
         if self.pruner.renumber_positions:
-            first = seq.positions.masked_fill(~seq.valid, torch.iinfo(seq.positions.dtype).max).amin(-1, keepdim=True)
-            positions = (first + new.valid.long().cumsum(-1) - 1).masked_fill(~new.valid, 0)
+            positions = contiguous_positions(seq.positions, seq.valid, new.valid)
         return Sequence(new.hidden, new.valid, new.visual, positions.masked_fill(~new.valid, 0), new.origin,
                         seq.num_images, new.protected)
 

@@ -111,6 +111,37 @@ def test_input_embeddings_follow_their_tokens_through_cuts():
     assert (later[~valid1] == 0).all()
 
 
+class HalveAtInput(Pruner):
+    """Test pruner: keep the first half of each image's tokens before the LLM; record positions at layer 0."""
+
+    name = "test-halve"
+    stages = frozenset({Stage.VISION_OUTPUT, Stage.LLM_LAYER})
+    renumber_positions = True
+
+    def __init__(self):
+        super().__init__()
+        self.llm_layers = (0,)
+        self.positions = None
+
+    def vision_output(self, state):
+        return state.keep(compact_index(state.valid & (state.positions < 32)))
+
+    def llm_layer(self, state):
+        self.positions = state.positions.clone(), state.valid.clone()
+        return state
+
+
+def test_a_vision_stage_cut_is_renumbered_at_the_llm_input():
+    model = make_llava(seed=4)
+    inputs = make_inputs(model, [3, 6])
+    pruner = HalveAtInput()
+    greedy(model, inputs, pruner, n=2)
+    positions, valid = pruner.positions
+    for b in range(2):
+        kept = positions[b][valid[b]].tolist()
+        assert kept == list(range(kept[0], kept[0] + len(kept)))  # no gap where 32 image tokens went
+
+
 def test_hooks_outside_the_model_are_rejected(tiny_llava):
     bad = DropAllVisual()
     bad.llm_layers = (3,)

@@ -229,7 +229,7 @@ def test_layer_schedules_and_budgets_on_llava15():
     vl = built("ficoco-vl", llava15(), budget=128)
     assert sum(vl.vision_schedule.values()) == 224 and sum(vl.llm_schedule.values()) == 224
     assert (vl.vision_hook_point, vl.llm_hook_point) == ("attn", "attn")
-    assert (v.renumber_positions, lp.renumber_positions, vl.renumber_positions) == (False, True, True)
+    assert v.renumber_positions and lp.renumber_positions and vl.renumber_positions
     assert Pruner.llm_hook_point == "block" and v.llm_hook_point == "block"
 
 
@@ -238,7 +238,7 @@ def test_tiny_model_schedules_are_scaled_and_clipped():
     assert built("ficoco-v", tiny, budget=32).vision_schedule == {1: 32}  # 12..23 -> 2; below feature 2 -> 1
     assert built("ficoco-l", tiny, budget=32).llm_schedule == {1: 16, 2: 16}  # 5..31 -> 1..3, clipped to 0..2
     vl = built("ficoco-vl", tiny, budget=63, vision_share=1.0)
-    assert vl.llm_schedule == {} and vl.llm_layers == (1,)  # one empty decoder cut still renumbers
+    assert vl.llm_schedule == {} and vl.llm_layers == ()  # the runtime renumbers at the LLM input
 
 
 @pytest.mark.parametrize(
