@@ -16,13 +16,22 @@ FIELDS = ("id", "image", "question", "answer", "task")
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One question about one image."""
+    """One question about one image.
+
+    `answer` is the reference answer; benchmarks with more annotate the rest: `answers` (every
+    annotator's answer, VQAv2 / TextVQA), `options` (multiple-choice options in order, ScienceQA /
+    MMBench) and `meta` (anything a benchmark's metric needs, e.g. MME's image id, MMBench's
+    circular group, POPE's setting).
+    """
 
     id: str
     image: Path
     question: str
     answer: str
     task: str
+    answers: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+    meta: dict = dataclasses.field(default_factory=dict)
 
 
 def parse_line(line: str, where: str, root: Path) -> Record:

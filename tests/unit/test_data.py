@@ -112,7 +112,7 @@ def test_reader_names_a_missing_file(tmp_path):
 def test_datamodule_batches_keep_images_and_text(dataset):
     dm = JsonlBenchmark(root=str(dataset), batch_size=4)
     batch = next(iter(dm.val_dataloader()))
-    assert sorted(batch) == ["answer", "id", "image", "question", "task"]
+    assert sorted(batch) == ["answer", "answers", "id", "image", "meta", "options", "question", "task"]
     assert len(batch["image"]) == 4 and all(isinstance(im, Image.Image) for im in batch["image"])
     assert dm.tasks == ["color", "count", "shape"]
     assert len(list(dm.test_dataloader())) == 2
