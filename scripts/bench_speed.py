@@ -147,12 +147,12 @@ def run(args: argparse.Namespace) -> list[dict]:
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"# prefill on {args.device} ({torch.get_num_threads()} threads), decoder {args.layers} x width {args.width}"
           f" (MLP {args.mlp}), vision {args.vision_layers} x {args.vision_width}, {args.dtype}, median of {args.reps}")
-    head = (f"{'pruner':<10}{'budget':>7}{'tokens':>8}{'GMACs':>9}{'pred x':>8}{'ms':>10}{'meas x':>8}"
+    head = (f"{'pruner':<14}{'budget':>7}{'tokens':>8}{'GMACs':>9}{'pred x':>8}{'ms':>10}{'meas x':>8}"
             f"{'meas/pred':>11}{'hook %':>8}{'peak MiB':>10}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['pruner']:<10}{r['budget']!s:>7}{r['tokens']:>8.0f}{r['flops'] / 1e9:>9.2f}{r['pred']:>8.2f}"
+        print(f"{r['pruner']:<14}{r['budget']!s:>7}{r['tokens']:>8.0f}{r['flops'] / 1e9:>9.2f}{r['pred']:>8.2f}"
               f"{r['ms']:>10.1f}{r['meas']:>8.2f}{r['meas'] / r['pred']:>11.2f}{100 * r['share']:>8.2f}"
               f"{r['mem']:>10.1f}")
     over = [f"{r['pruner']}@{r['budget']}" for r in rows if r["share"] > OVERHEAD_LIMIT]
