@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -36,7 +36,10 @@ class VQAAccuracy(Metric):
         self.add_state("task_correct", torch.zeros(len(self.tasks), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("task_total", torch.zeros(len(self.tasks), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, predictions: Sequence[str], answers: Sequence[str], tasks: Sequence[str] | None = None) -> None:
+    def update(self, predictions: Sequence[str], batch: Mapping[str, Sequence]) -> None:
+        """Score `predictions` against `batch["answer"]` (per `batch["task"]` when the metric has tasks)."""
+        answers = batch["answer"]
+        tasks = batch.get("task") if self.tasks else None
         if len(predictions) != len(answers) or (tasks is not None and len(tasks) != len(answers)):
             raise ValueError("predictions, answers and tasks must have the same length")
         hits = [normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, answers)]
@@ -60,7 +63,10 @@ class VQAAccuracy(Metric):
         return {"accuracy": overall, "accuracy_by_task": by_task, "total": self.total.clone()}
 
 
-def metric_for(datamodule) -> VQAAccuracy:
-    """A `VQAAccuracy` over the tasks of `datamodule` (call after its setup; none when it has no tasks)."""
+def metric_for(datamodule) -> Metric:
+    """The metric of `datamodule` (call after its setup): its own `metric()` when it has one (the standard
+    benchmarks, `lightning_modules.benchmarks`), else a `VQAAccuracy` over its tasks."""
+    if hasattr(datamodule, "metric"):
+        return datamodule.metric()
     tasks = getattr(datamodule, "tasks", None) if datamodule is not None else None
     return VQAAccuracy(tasks or ())

@@ -108,10 +108,11 @@ class PrunedMLLM(pl.LightningModule):
 
     def _evaluate(self, batch: dict) -> None:
         predictions = self.answer(batch["image"], batch["question"])
-        self.metric.update(predictions, batch["answer"], batch["task"] if self.metric.tasks else None)
+        self.metric.update(predictions, batch)
+        skipped = batch.get("skipped", [False] * len(predictions))  # unreadable images (the metric leaves them out)
         for i, prediction in enumerate(predictions):
             row = {key: batch[key][i] for key in ("id", "question", "answer", "task")}
-            self.predictions.append({**row, "prediction": prediction})
+            self.predictions.append({**row, "prediction": prediction, **({"skipped": True} if skipped[i] else {})})
 
     def _finish_epoch(self) -> None:
         scores = self.metric.compute()
@@ -137,6 +138,8 @@ class PrunedMLLM(pl.LightningModule):
             "accuracy_by_task": {task: _number(acc) for task, acc in scores["accuracy_by_task"].items()},
             **efficiency,
             "num_samples": int(scores["total"]),  # questions scored (summed over processes)
+            "num_skipped": sum(1 for row in self.predictions if row.get("skipped")),
+            "metrics": {key: _json(value) for key, value in scores.items() if key not in CORE_SCORES},
             "pruner_args": {arg: getattr(self.pruner, arg) for arg in arguments if hasattr(self.pruner, arg)},
             "max_new_tokens": self.hparams.max_new_tokens,
             "dtype": self.hparams.dtype,
@@ -150,6 +153,20 @@ class PrunedMLLM(pl.LightningModule):
         print(f"results: {path}")
         return path
 
+
+
+CORE_SCORES = ("accuracy", "accuracy_by_task", "total")  # written at the top level of results.json
+
+
+def _json(value):
+    """A benchmark's own score (a tensor, or a dict or list of them) as JSON numbers."""
+    if isinstance(value, dict):
+        return {key: _json(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() > 1:
+        return [_json(v) for v in value]
+    return _number(value) if isinstance(value, torch.Tensor | float | int) else value
 
 
 def _number(value: torch.Tensor) -> float | None:

@@ -99,7 +99,7 @@ class QAFinetuning(pl.LightningModule):
         inputs = self.inputs(batch["image"], self.prompts(batch["question"]))
         next_token = self.llava(**inputs, logits_to_keep=1).logits[:, -1].argmax(-1)
         answers = self.processor.tokenizer.batch_decode(next_token[:, None], skip_special_tokens=True)
-        self.metric.update(answers, batch["answer"], batch["task"] if self.metric.tasks else None)
+        self.metric.update(answers, batch)
 
     def on_validation_epoch_end(self) -> None:
         scores = self.metric.compute()

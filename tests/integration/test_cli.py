@@ -144,3 +144,21 @@ def test_hyphenated_pruner_names_resolve(demo, tmp_path, monkeypatch):
     swap = tmp_path / "hyphen.yaml"
     swap.write_text("model:\n  pruner:\n    class_path: test-pool-x\n    init_args:\n      budget: 4\n")
     assert demo("-c", str(swap))["visual_tokens"] == 4
+
+
+def test_validate_on_a_pope_folder_writes_its_own_metrics(demo, tmp_path):
+    """A standard benchmark end to end: POPE in its official layout, scored by POPEMetrics."""
+    from PIL import Image
+
+    root = tmp_path / "pope"
+    (root / "coco").mkdir(parents=True)
+    (root / "val2014").mkdir()
+    Image.new("RGB", (SIZE, SIZE), (200, 30, 30)).save(root / "val2014" / "COCO_val2014_000000000001.jpg")
+    for setting in ("random", "popular", "adversarial"):
+        rows = [{"question_id": q, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a dog in the image?",
+                 "label": label} for q, label in ((1, "yes"), (2, "no"))]  # fmt: skip
+        (root / "coco" / f"coco_pope_{setting}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = demo("-c", str(CONFIGS / "data" / "pope.yaml"), f"--data.root={root}", "--data.batch_size=3")
+    assert results["num_samples"] == 6 and results["num_skipped"] == 0
+    assert set(results["accuracy_by_task"]) == {"random", "popular", "adversarial"}
+    assert {"precision", "recall", "f1", "yes_ratio"} <= set(results["metrics"])

@@ -17,8 +17,8 @@ def test_normalize_answer(text, expected):
 
 def test_overall_and_per_task_accuracy():
     metric = VQAAccuracy(tasks=["color", "count", "shape"])
-    metric.update(["Red.", "blue", "two"], ["red", "green", "two"], ["color", "color", "count"])
-    metric.update(["circle ", "square"], ["Circle", "triangle"], ["shape", "shape"])
+    metric.update(["Red.", "blue", "two"], {"answer": ["red", "green", "two"], "task": ["color", "color", "count"]})
+    metric.update(["circle ", "square"], {"answer": ["Circle", "triangle"], "task": ["shape", "shape"]})
     result = metric.compute()
     # 3 of 5 right: color 1/2, count 1/1, shape 1/2
     assert float(result["accuracy"]) == pytest.approx(3 / 5)
@@ -27,7 +27,7 @@ def test_overall_and_per_task_accuracy():
 
 def test_tasks_without_samples_are_left_out_and_reset_clears():
     metric = VQAAccuracy(tasks=["color", "ocr"])
-    metric.update(["red"], ["red"], ["color"])
+    metric.update(["red"], {"answer": ["red"], "task": ["color"]})
     assert list(metric.compute()["accuracy_by_task"]) == ["color"]
     metric.reset()
     assert math.isnan(float(metric.compute()["accuracy"]))
@@ -35,7 +35,7 @@ def test_tasks_without_samples_are_left_out_and_reset_clears():
 
 def test_without_tasks_only_overall():
     metric = VQAAccuracy()
-    metric.update(["yes", "no"], ["yes", "yes"])
+    metric.update(["yes", "no"], {"answer": ["yes", "yes"]})
     result = metric.compute()
     assert float(result["accuracy"]) == 0.5 and result["accuracy_by_task"] == {}
 
@@ -43,8 +43,8 @@ def test_without_tasks_only_overall():
 def test_states_sum_across_processes():
     # merge_state applies each state's dist_reduce_fx, as a DDP sync does.
     a, b = VQAAccuracy(tasks=["color", "shape"]), VQAAccuracy(tasks=["color", "shape"])
-    a.update(["red", "blue"], ["red", "red"], ["color", "color"])
-    b.update(["circle"], ["circle"], ["shape"])
+    a.update(["red", "blue"], {"answer": ["red", "red"], "task": ["color", "color"]})
+    b.update(["circle"], {"answer": ["circle"], "task": ["shape"]})
     a.merge_state(b)
     result = a.compute()
     assert float(result["accuracy"]) == pytest.approx(2 / 3) and int(result["total"]) == 3
@@ -54,6 +54,6 @@ def test_states_sum_across_processes():
 def test_bad_input_is_rejected():
     metric = VQAAccuracy(tasks=["color"])
     with pytest.raises(ValueError, match="not one of"):
-        metric.update(["red"], ["red"], ["shape"])
+        metric.update(["red"], {"answer": ["red"], "task": ["shape"]})
     with pytest.raises(ValueError, match="same length"):
-        metric.update(["red", "blue"], ["red"], ["color"])
+        metric.update(["red", "blue"], {"answer": ["red"], "task": ["color"]})
