@@ -41,17 +41,19 @@ class DecoderShape:
         return cls(cfg.hidden_size, cfg.num_attention_heads * head_dim, kv_heads * head_dim, cfg.intermediate_size)
 
 
-def llama_layer_macs(n: int, s: DecoderShape) -> int:
-    """Multiply-adds of one LLaMA decoder layer on n tokens (exact for GQA)."""
-    return 2 * n * s.hidden * s.attn + 2 * n * s.hidden * s.kv + 2 * n * n * s.attn + 3 * n * s.hidden * s.mlp
+def llama_layer_macs(n: int, s: DecoderShape, n_mlp: int | None = None) -> int:
+    """Multiply-adds of one LLaMA decoder layer on n tokens (exact for GQA). `n_mlp`: the tokens its
+    MLP sees when a pruner cuts between attention and MLP (default n)."""
+    n_mlp = n if n_mlp is None else n_mlp
+    return 2 * n * s.hidden * s.attn + 2 * n * s.hidden * s.kv + 2 * n * n * s.attn + 3 * n_mlp * s.hidden * s.mlp
 
 
-def fastv_layer_macs(n: int, s: DecoderShape) -> int:
+def fastv_layer_macs(n: int, s: DecoderShape, n_mlp: int | None = None) -> int:
     """FastV's printed per-layer count 4nd^2 + 2n^2d + 2ndm (no GQA, two-matrix MLP)."""
-    d = s.hidden
-    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * s.mlp
+    d, n_mlp = s.hidden, n if n_mlp is None else n_mlp
+    return 4 * n * d * d + 2 * n * n * d + 2 * n_mlp * d * s.mlp
 
 
-def vit_layer_macs(n: int, d: int, m: int) -> int:
-    """Multiply-adds of one pre-norm ViT (CLIP) encoder layer on n tokens."""
-    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+def vit_layer_macs(n: int, d: int, m: int, n_mlp: int | None = None) -> int:
+    """Multiply-adds of one pre-norm ViT (CLIP) encoder layer on n tokens (`n_mlp`: as in `llama_layer_macs`)."""
+    return 4 * n * d * d + 2 * n * n * d + 2 * (n if n_mlp is None else n_mlp) * d * m

@@ -23,6 +23,8 @@ class SampleRecord:
     projector_tokens: int  # tokens entering the projector
     llm_tokens: list[int]  # tokens (text + visual) per LLM layer
     llm_visual: list[int]  # visual tokens per LLM layer
+    llm_mlp_tokens: list[int] = field(default_factory=list)  # tokens each layer's MLP saw (fewer after a mid cut)
+    vision_mlp_tokens: list[int] = field(default_factory=list)  # likewise per vision layer
     kv_bytes_prefill: int = 0
     kv_bytes: int = 0  # after the last forward seen (prefill or decode step)
     kv_bytes_per_layer: list[int] = field(default_factory=list)
@@ -72,11 +74,13 @@ class EfficiencyReport:
 
     # -- summary -------------------------------------------------------------------------------
     def _llm_flops(self, rec: SampleRecord, fn) -> int:
-        return sum(fn(n, self.decoder) for n in rec.llm_tokens)
+        mlp = rec.llm_mlp_tokens or rec.llm_tokens
+        return sum(fn(n, self.decoder, n_mlp) for n, n_mlp in zip(rec.llm_tokens, mlp))
 
     def _vision_flops(self, rec: SampleRecord) -> int:
         v = self.vision
-        encoder = sum(flops.vit_layer_macs(n, v.hidden, v.mlp) for n in rec.vision_tokens)
+        mlp = rec.vision_mlp_tokens or rec.vision_tokens
+        encoder = sum(flops.vit_layer_macs(n, v.hidden, v.mlp, n_mlp) for n, n_mlp in zip(rec.vision_tokens, mlp))
         projector = rec.projector_tokens * (v.projector_in * v.projector_out + v.projector_out * v.projector_out)
         return encoder + projector
 

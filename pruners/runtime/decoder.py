@@ -225,7 +225,7 @@ class DecoderRunner:
                 self.clock.run(_project, seq, layer)  # the pruner's cost, so its clock
                 seq, mask, layer_mask, cos, sin = self._apply_cut(seq, i, layer, cos, sin, mask, layer_mask, grid)
             slots.append(seq.slots())
-            counts.append(torch.stack([seq.valid.sum(-1), (seq.visual & seq.valid).sum(-1)]))
+            before = torch.stack([seq.valid.sum(-1), (seq.visual & seq.valid).sum(-1)])
             args = {"attention_mask": layer_mask, "position_embeddings": (cos, sin), "position_ids": seq.positions,
                     "past_key_values": cache, "use_cache": cache is not None}
             hooked = i in self.hook_layers and not self.pre
@@ -240,6 +240,8 @@ class DecoderRunner:
                 seq, mask, layer_mask, cos, sin = self._apply_cut(seq, i, layer, cos, sin, mask, layer_mask, grid)
             if hooked and self.mid:
                 seq.hidden = seq.hidden + layer.mlp(layer.post_attention_layernorm(seq.hidden))
+            # Tokens, visual tokens, and tokens the MLP saw (fewer when the hook cut between the two).
+            counts.append(torch.cat([before, (seq.valid.sum(-1) if hooked and self.mid else before[0])[None]]))
         return self.lm.norm(seq.hidden), seq, slots, counts
 
     def _apply_cut(self, seq: Sequence, i: int, layer, cos, sin, mask, layer_mask, grid) -> tuple:

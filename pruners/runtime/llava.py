@@ -212,7 +212,9 @@ class LlavaRuntime:
 
     @staticmethod
     def _per_sample(per_image: Tensor, sample: Tensor, bsz: int) -> Tensor:
-        return torch.zeros(bsz, dtype=per_image.dtype, device=per_image.device).index_add(0, sample, per_image)
+        """Per-image counts (..., images) summed per sample (..., bsz)."""
+        out = torch.zeros(*per_image.shape[:-1], bsz, dtype=per_image.dtype, device=per_image.device)
+        return out.index_add(-1, sample, per_image)
 
     @staticmethod
     def _compact(embeds, keep, positions, image_mask, num_images) -> Sequence:
@@ -227,13 +229,14 @@ class LlavaRuntime:
 
     # -- report -------------------------------------------------------------------------------
     def _records(self, vision_counts, proj_tokens, counts, image_mask) -> list[SampleRecord]:
-        llm = torch.stack(counts).tolist()  # (layers, 2, B)
-        vision = torch.stack(vision_counts).T.tolist() if vision_counts else None
+        llm = torch.stack(counts).tolist()  # (layers, 3, B): tokens, visual tokens, tokens the MLP saw
+        vision = torch.stack(vision_counts).permute(2, 1, 0).tolist() if vision_counts else None  # (B, 2, layers)
         proj = proj_tokens.tolist() if torch.is_tensor(proj_tokens) else [0] * image_mask.shape[0]
         return [
             SampleRecord(
-                vision_tokens=vision[b] if vision else [], projector_tokens=proj[b],
-                llm_tokens=[layer[0][b] for layer in llm], llm_visual=[layer[1][b] for layer in llm],
+                vision_tokens=vision[b][0] if vision else [], vision_mlp_tokens=vision[b][1] if vision else [],
+                projector_tokens=proj[b], llm_tokens=[layer[0][b] for layer in llm],
+                llm_visual=[layer[1][b] for layer in llm], llm_mlp_tokens=[layer[2][b] for layer in llm],
             )
             for b in range(image_mask.shape[0])
         ]

@@ -81,12 +81,15 @@ class VisionRunner:
         )
 
     def run(self, pixel_values: Tensor) -> tuple[TokenState, list[Tensor]]:
-        """Features (the input of the feature layer, CLS included) and tokens per layer run."""
+        """Features (the input of the feature layer, CLS included) and, per layer run, the tokens its
+        attention and its MLP saw ((2, images) each: they differ where a hook cuts between the two)."""
         state = self.initial_state(pixel_values)
         counts = []
         for i in range(self.feature_layer):
-            counts.append(state.valid.sum(-1))
+            before = state.valid.sum(-1)
             state = self._layer(i, state)
+            mid_cut = i in self.hook_layers and self.mid
+            counts.append(torch.stack([before, state.valid.sum(-1) if mid_cut else before]))
         return state, counts
 
     def _layer(self, i: int, state: TokenState) -> TokenState:

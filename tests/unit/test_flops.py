@@ -59,3 +59,48 @@ def test_report_flops_sum_layers_of_actual_tokens(tiny_llava):
     assert stats["visual_tokens_per_layer"] == [64, 64, 16, 16]
     assert stats["visual_tokens_layer_mean"] == 40
     assert stats["visual_tokens_llm_input"] == 64
+
+
+class CutBetweenAttentionAndMLP(pruners.Pruner):
+    """Test pruner: drops the last 32 visual tokens between attention and MLP of LLM layer 1 and of
+    vision layer 0 (as FiCoCo-L, FitPrune, ToMe and FiCoCo-V cut)."""
+
+    name = "test-mid-cut"
+    stages = frozenset({pruners.Stage.LLM_LAYER, pruners.Stage.VISION_LAYER})
+    llm_hook_point = "attn"
+
+    def __init__(self):
+        super().__init__()
+        self.llm_layers, self.vision_layers, self.vision_hook_point = (1,), (0,), "attn"
+
+    def _drop_last_32(self, state):
+        visual = state.visual & state.valid
+        rank = visual.long().cumsum(-1)
+        keep = state.valid & ~(visual & (rank > rank[:, -1:] - 32))
+        return state.keep(pruners.ops.compact_index(keep))
+
+    def llm_layer(self, state):
+        return self._drop_last_32(state)
+
+    def vision_layer(self, state):
+        return self._drop_last_32(state)
+
+
+def test_a_cut_between_attention_and_mlp_counts_the_mlp_on_the_kept_tokens(tiny_llava):
+    inputs = make_inputs(tiny_llava, [5])
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad(), pruners.attach(tiny_llava, CutBetweenAttentionAndMLP()) as report:
+        tiny_llava(**inputs)
+    stats = report.as_dict()
+    # Vision layer 0 cut 65 -> 33 inside it; layer 1 then runs on 33 (the feature layer is 2).
+    cfg = tiny_llava.config.vision_config
+    vision = vit_layer_macs(65, cfg.hidden_size, cfg.intermediate_size, n_mlp=33)
+    vision += vit_layer_macs(33, cfg.hidden_size, cfg.intermediate_size)
+    width = tiny_llava.config.text_config.hidden_size
+    assert stats["vision_flops"] == vision + 32 * (cfg.hidden_size * width + width * width)  # + the projector
+    # The LLM sees 32 image tokens; layer 1's attention sees n - 32, its MLP and layers 2-3 n - 64.
+    shape = DecoderShape.from_config(tiny_llava.config.text_config)
+    a, b = n - 32, n - 64
+    layers = [llama_layer_macs(a, shape), llama_layer_macs(a, shape, n_mlp=b), *[llama_layer_macs(b, shape)] * 2]
+    assert stats["prefill_flops"] == sum(layers)
+    assert stats["visual_tokens_per_layer"] == [32, 32, 0, 0]
