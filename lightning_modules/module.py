@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,13 +12,17 @@ import torch
 
 import pruners
 from pruners import Pruner, registry
+from pruners.report import SampleRecord
 
 from .hf_model import chat_prompt, load_model_and_processor
 from .metrics import VQAAccuracy, metric_for
+from .predictions import append_predictions, read_predictions
 from .results import write_json, write_jsonl
 
 # results.json keys also logged through Lightning (shown in its end-of-run table).
 LOGGED = ("accuracy", "visual_tokens", "prefill_flops", "prefill_latency_ms")
+# Report keys measured by the clock: they cover only the samples generated in this process.
+TIMINGS = ("prefill_latency_ms", "pruner_latency_ms", "decode_latency_ms_per_token")
 
 
 class PrunedMLLM(pl.LightningModule):
@@ -31,6 +36,9 @@ class PrunedMLLM(pl.LightningModule):
         dtype: float32, bfloat16 or float16.
         attn_implementation: the model's attention ("sdpa", "eager", "flash_attention_2").
         prompt: question template; `{question}` is replaced by the benchmark's question.
+        resume: reuse the samples already in the log folder's predictions.jsonl (a killed run's rows are
+            appended batch by batch): they are scored again but not generated again. Needs a log folder
+            that stays the same across runs (`scripts/sweep.py` sets one). False starts the file afresh.
     """
 
     def __init__(
@@ -41,6 +49,7 @@ class PrunedMLLM(pl.LightningModule):
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
         prompt: str = "{question}",
+        resume: bool = False,
     ) -> None:
         super().__init__()
         # The pruner is a submodule (learned pruners have weights), so the checkpoint holds it.
@@ -54,6 +63,9 @@ class PrunedMLLM(pl.LightningModule):
             pass
         self.metric = VQAAccuracy()
         self.predictions: list[dict] = []
+        self._stored: dict[str, dict] = {}  # id -> row read back from predictions.jsonl (resume)
+        self._resumed = 0  # samples of this epoch taken from `_stored`
+        self._append_to: Path | None = None  # where each batch's rows go (rank 0 only; None in sanity checks)
         self._attached = contextlib.ExitStack()
         self.report = None
 
@@ -105,19 +117,52 @@ class PrunedMLLM(pl.LightningModule):
         self.report = self._attached.enter_context(pruners.attach(self.model, self.pruner))
         self.metric.reset()
         self.predictions = []
+        self._resumed = 0
+        self._stored = {}
+        self._append_to = None
+        if self.trainer.sanity_checking:
+            return
+        path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.jsonl"
+        rows = read_predictions(path) if self.hparams.resume else []
+        self._stored = {str(row["id"]): row for row in rows if _reusable(row)}
+        if self.trainer.is_global_zero:  # one writer (the final predictions.jsonl is rank 0's too)
+            # Rewrite what was kept (atomically) so appends start on a fresh line after a torn one.
+            write_jsonl(path, list(self._stored.values()))
+            self._append_to = path
 
     def _evaluate(self, batch: dict) -> None:
-        predictions = self.answer(batch["image"], batch["question"])
-        self.metric.update(predictions, batch)
-        skipped = batch.get("skipped", [False] * len(predictions))  # unreadable images (the metric leaves them out)
-        for i, prediction in enumerate(predictions):
-            row = {key: batch[key][i] for key in ("id", "question", "answer", "task")}
-            self.predictions.append({**row, "prediction": prediction, **({"skipped": True} if skipped[i] else {})})
+        ids = [str(i) for i in batch["id"]]
+        todo = [i for i, sample_id in enumerate(ids) if sample_id not in self._stored]
+        first = len(self.report.samples)
+        answers = self.answer([batch["image"][i] for i in todo], [batch["question"][i] for i in todo]) if todo else []
+        # The runtime records one cost per generated sample, in batch order; they travel with the row.
+        generated = dict(zip(todo, zip(answers, self.report.samples[first:], strict=True)))
+        skipped = batch.get("skipped", [False] * len(ids))  # unreadable images (the metric leaves them out)
+        rows = []
+        for i, sample_id in enumerate(ids):
+            if i in generated:
+                prediction, cost = generated[i]
+                row = {key: batch[key][i] for key in ("id", "question", "answer", "task")}
+                row = {**row, "prediction": prediction, **({"skipped": True} if skipped[i] else {})}
+                row["cost"] = dataclasses.asdict(cost)
+                rows.append(row)
+            else:
+                # Read back, not generated: its stored cost counts toward tokens, FLOPs and KV cache.
+                row = self._stored[sample_id]
+                self.report.samples.append(SampleRecord(**row["cost"]))
+                self._resumed += 1
+            self.predictions.append(row)
+        # The metric sees every sample of the batch once, with the batch's own record fields.
+        self.metric.update([row["prediction"] for row in self.predictions[-len(ids) :]], batch)
+        if self._append_to is not None:
+            append_predictions(self._append_to, rows)
 
     def _finish_epoch(self) -> None:
         scores = self.metric.compute()
         efficiency = self.report.as_dict()
         self._attached.close()
+        if self._resumed == len(self.predictions):  # nothing was timed in this process
+            efficiency.update(dict.fromkeys(TIMINGS))
         results = self.results(scores, efficiency)
         if not self.trainer.sanity_checking:
             logged = {k: float(v) for k, v in results.items() if k in LOGGED and v is not None}
@@ -139,6 +184,9 @@ class PrunedMLLM(pl.LightningModule):
             **efficiency,
             "num_samples": int(scores["total"]),  # questions scored (summed over processes)
             "num_skipped": sum(1 for row in self.predictions if row.get("skipped")),
+            # Latencies average over the samples generated in this process; a resumed run reused the rest.
+            "resumed_samples": self._resumed,
+            "latency_samples": len(self.predictions) - self._resumed,
             "metrics": {key: _json(value) for key, value in scores.items() if key not in CORE_SCORES},
             "pruner_args": {arg: getattr(self.pruner, arg) for arg in arguments if hasattr(self.pruner, arg)},
             "max_new_tokens": self.hparams.max_new_tokens,
@@ -154,8 +202,16 @@ class PrunedMLLM(pl.LightningModule):
         return path
 
 
-
 CORE_SCORES = ("accuracy", "accuracy_by_task", "total")  # written at the top level of results.json
+
+
+def _reusable(row: dict) -> bool:
+    """A stored row can stand in for generation when it has its prediction and a cost this version reads."""
+    try:
+        SampleRecord(**row["cost"])
+    except (KeyError, TypeError):
+        return False
+    return "id" in row and "prediction" in row
 
 
 def _json(value):
