@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-slow bench lint format clean
+.PHONY: help venv demo sweep test test-slow bench lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,6 +23,14 @@ venv: $(STAMP) ## Create .venv (torch CPU wheel, then vtprune in editable mode)
 
 demo: $(STAMP) ## Main job: validate the seed pruners on the embedded default (ARGS= extra flags)
 	$(BIN)/python scripts/demo.py $(ARGS)
+
+# The embedded sweep reads demo.yaml's stand-in model and questions; written once, as `make demo` does.
+DEMO_CACHE := $(or $(VTPRUNE_CACHE),.cache)/demo
+
+sweep: $(STAMP) ## Resumable sweep: pruners x budgets x benchmarks (ARGS= YAML, --out, vtprune flags)
+	@test -f $(DEMO_CACHE)/model/config.json -a -f $(DEMO_CACHE)/data/questions.jsonl \
+		|| $(BIN)/python -m data.tiny_llava --out $(DEMO_CACHE) --n 48
+	$(BIN)/python scripts/sweep.py $(ARGS)
 
 test: $(STAMP) ## Run the default test suite (< 10 min on 2 cores)
 	$(BIN)/python -m pytest -q $(ARGS)
