@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import benchmark_files
 import pytest
 import yaml
 
@@ -150,19 +151,26 @@ def test_hyphenated_pruner_names_resolve(demo, tmp_path, monkeypatch):
     assert demo("-c", str(swap))["visual_tokens"] == 4
 
 
-def test_validate_on_a_pope_folder_writes_its_own_metrics(demo, tmp_path):
-    """A standard benchmark end to end: POPE in its official layout, scored by POPEMetrics."""
-    from PIL import Image
+# Each standard benchmark in its official layout (tests/benchmark_files.py): the folder to give as
+# --data.root, a key of its own metric that results.json must hold under "metrics", and extra flags.
+BENCHMARKS = {
+    "vqav2": ("vqav2", None, []),
+    "gqa": ("gqa", None, []),
+    "textvqa": ("textvqa", None, []),
+    "pope": ("pope", "f1", []),
+    "mme": ("MME_Benchmark_release_version", "perception", ["--data.subtasks=[artwork,code_reasoning]"]),
+    "scienceqa": ("scienceqa", None, []),
+    "mmbench": ("mmbench", "question_accuracy", []),
+}
 
-    root = tmp_path / "pope"
-    (root / "coco").mkdir(parents=True)
-    (root / "val2014").mkdir()
-    Image.new("RGB", (SIZE, SIZE), (200, 30, 30)).save(root / "val2014" / "COCO_val2014_000000000001.jpg")
-    for setting in ("random", "popular", "adversarial"):
-        rows = [{"question_id": q, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a dog in the image?",
-                 "label": label} for q, label in ((1, "yes"), (2, "no"))]  # fmt: skip
-        (root / "coco" / f"coco_pope_{setting}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    results = demo("-c", str(CONFIGS / "data" / "pope.yaml"), f"--data.root={root}", "--data.batch_size=3")
-    assert results["num_samples"] == 6 and results["num_skipped"] == 0
-    assert set(results["accuracy_by_task"]) == {"random", "popular", "adversarial"}
-    assert {"precision", "recall", "f1", "yes_ratio"} <= set(results["metrics"])
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_validate_on_each_standard_benchmark(demo, tmp_path, name):
+    folder, own_metric, flags = BENCHMARKS[name]
+    root = getattr(benchmark_files, f"write_{name}")(tmp_path / "release" / folder)
+    results = demo("-c", str(CONFIGS / "data" / f"{name}.yaml"), f"--data.root={root}", "--data.batch_size=4", *flags)
+    assert results["num_samples"] >= 2 and results["benchmark"]
+    assert 0.0 <= results["accuracy"] <= 1.0 and results["accuracy_by_task"]
+    if own_metric:
+        assert own_metric in results["metrics"]
+    assert results["num_skipped"] == (1 if name == "mmbench" else 0)  # its fixture holds one corrupt image

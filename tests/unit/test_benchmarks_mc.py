@@ -1,15 +1,13 @@
 """MME, ScienceQA-IMG and MMBench DataModules on tiny files in each official layout."""
 
-import base64
-import csv
 import importlib
-import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from benchmark_files import mmbench_rows, write_mmbench, write_mme, write_scienceqa
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -20,12 +18,6 @@ from lightning_modules.benchmarks.scienceqa import ScienceQABenchmark
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SHORT = "\nAnswer the question using a single word or phrase."
 LETTER = "\nAnswer with the option's letter from the given choices directly."
-
-
-def image(path: Path, color=(200, 30, 30), size=(8, 6)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return path
 
 
 def loaded(datamodule):
@@ -50,22 +42,6 @@ def metric_class(name: str):
 
 
 # ----- MME -----
-
-
-def write_mme(root: Path) -> Path:
-    """Two subtasks, one in each release layout, two questions per image."""
-    image(root / "artwork" / "images" / "10002.jpg")
-    (root / "artwork" / "questions_answers_YN").mkdir(parents=True)
-    (root / "artwork" / "questions_answers_YN" / "10002.txt").write_text(
-        "Does this artwork exist in the form of painting? Please answer yes or no.\tYes\n"
-        "Does this artwork exist in the form of glassware?  Please answer yes or no.\tNo\n"
-    )
-    image(root / "code_reasoning" / "0020.png", (0, 0, 255))
-    (root / "code_reasoning" / "0020.txt").write_text(
-        "Is a python code shown in the picture? Please answer yes or no.\tYes\n"
-        "Is a c++ code shown in the picture? Please answer yes or no.\tNo\n\n"
-    )
-    return root
 
 
 @pytest.fixture
@@ -106,7 +82,7 @@ def test_mme_batches_carry_images_and_skipped(mme):
     module = MMEBenchmark(str(mme), subtasks=["artwork", "code_reasoning"], batch_size=4)
     (batch,) = list(loaded(module) and module.val_dataloader())
     assert batch["skipped"] == [False] * 4
-    assert batch["image"][0].size == (8, 6) and batch["image"][0].mode == "RGB"
+    assert batch["image"][0].size == (24, 16) and batch["image"][0].mode == "RGB"
     assert batch["meta"][2]["image_id"] == "code_reasoning/0020.png"
 
 
@@ -160,28 +136,6 @@ def test_mme_metric(mme):
 
 
 # ----- ScienceQA-IMG -----
-
-
-def write_scienceqa(root: Path) -> Path:
-    problems = {
-        "5": {"question": "Which could the test show?", "choices": ["how steady", "if damaged", "how fast"],
-              "answer": 0, "hint": "Gordon tested a parachute.", "image": "image.png", "split": "test",
-              "subject": "natural science", "grade": "grade7", "category": "Engineering", "topic": "science"},
-        "11": {"question": "What is the name of the colony shown?", "choices": ["Maryland", "New Hampshire"],
-               "answer": 1, "hint": "", "image": "image.png", "split": "test", "subject": "social science",
-               "grade": "grade4", "category": "Colonial America", "topic": "us-history"},
-        "15": {"question": "Would you find the word dozen?", "choices": ["no", "yes"], "answer": 0, "hint": "",
-               "image": None, "split": "test", "subject": "language science"},
-        "20": {"question": "Train question?", "choices": ["a", "b"], "answer": 1, "hint": "", "image": "image.png",
-               "split": "train", "subject": "natural science"},
-    }  # fmt: skip
-    root.mkdir(parents=True)
-    (root / "problems.json").write_text(json.dumps(problems))
-    (root / "pid_splits.json").write_text(json.dumps({"train": ["20"], "val": [], "test": ["5", "11", "15"]}))
-    image(root / "images" / "test" / "5" / "image.png")
-    image(root / "images" / "test" / "11" / "image.png", (0, 255, 0))
-    image(root / "images" / "train" / "20" / "image.png")
-    return root
 
 
 @pytest.fixture
@@ -273,46 +227,6 @@ def test_scienceqa_metric(scienceqa):
 
 
 # ----- MMBench -----
-
-
-def b64_png(color) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (6, 4), color).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source", "l2-category",
-           "comment", "split"]  # fmt: skip
-
-
-def mmbench_rows() -> list[dict]:
-    red, blue = b64_png((255, 0, 0)), b64_png((0, 0, 255))
-    common = {"source": "MMBench", "comment": "nan", "split": "dev"}
-    return [
-        {**common, "index": "0", "question": "What color is the square?", "hint": "nan", "A": "red", "B": "blue",
-         "C": "green", "D": "pink", "answer": "A", "category": "attribute_recognition", "image": red,
-         "l2-category": "finegrained_perception (instance-level)"},
-        {**common, "index": "1000000", "question": "What color is the square?", "hint": "nan", "A": "blue",
-         "B": "green", "C": "pink", "D": "red", "answer": "D", "category": "attribute_recognition", "image": red,
-         "l2-category": "finegrained_perception (instance-level)"},
-        {**common, "index": "7", "question": "Which scene is it?", "hint": "Look at the\tsky.\nThen answer.",
-         "A": "beach", "B": "desert", "C": "forest", "D": "", "answer": "C", "category": "image_scene",
-         "image": blue, "l2-category": "coarse_perception"},
-        {**common, "index": "9", "question": "Is it broken?", "hint": "", "A": "yes", "B": "no", "C": "", "D": "",
-         "answer": "B", "category": "image_quality", "image": "!!not base64", "l2-category": "coarse_perception"},
-    ]  # fmt: skip
-
-
-def write_mmbench(root: Path, rows: list[dict] | None = None, name: str = "mmbench_dev_20230712.tsv") -> Path:
-    """The TSV as pandas' to_csv(sep="\\t") writes it: cells with tabs or newlines quoted."""
-    root.mkdir(parents=True, exist_ok=True)
-    rows = mmbench_rows() if rows is None else rows
-    columns = [c for c in COLUMNS if c in rows[0]]
-    with (root / name).open("w", newline="") as file:
-        writer = csv.writer(file, delimiter="\t", lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows([[row[c] for c in columns] for row in rows])
-    return root
 
 
 @pytest.fixture

@@ -7,6 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from benchmark_files import (
+    VQA_ANSWERS,
+    write_gqa,
+    write_pope,
+    write_textvqa,
+    write_vqav2,
+)
 from PIL import Image
 
 from lightning_modules.benchmarks import SkippingRecordDataset
@@ -19,16 +26,6 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
 SUFFIX = "\nAnswer the question using a single word or phrase."
 
 
-def image(path: Path, color: tuple[int, int, int] = (200, 30, 30)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (24, 16), color).save(path)
-
-
-def write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
-
-
 def loaded(datamodule):
     datamodule.setup("validate")
     return datamodule.records
@@ -36,37 +33,10 @@ def loaded(datamodule):
 
 # ----- VQAv2 -----
 
-VQA_ANSWERS = {
-    1001: (["yes"] * 10, "yes", "yes/no", "is the"),
-    1002: (["2"] * 6 + ["two"] * 3 + ["3"], "2", "number", "how many"),
-    2001: (["red"] * 4 + ["dark red"] * 4 + ["maroon"] * 2, "red", "other", "what color"),
-}
-
 
 @pytest.fixture
 def vqav2(tmp_path):
-    questions = [
-        {"image_id": 42, "question": "Is the man happy?", "question_id": 1001},
-        {"image_id": 42, "question": "How many dogs are there?", "question_id": 1002},
-        {"image_id": 393267, "question": "What color is the bus?", "question_id": 2001},
-    ]
-    annotations = [
-        {
-            "question_type": qtype,
-            "multiple_choice_answer": mc,
-            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)],
-            "image_id": 42 if qid < 2000 else 393267,
-            "answer_type": atype,
-            "question_id": qid,
-        }
-        for qid, (answers, mc, atype, qtype) in VQA_ANSWERS.items()
-    ]
-    info = {"info": {}, "license": {}, "data_subtype": "val2014"}
-    write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", {**info, "questions": questions})
-    write_json(tmp_path / "v2_mscoco_val2014_annotations.json", {**info, "annotations": annotations})
-    image(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg")
-    image(tmp_path / "val2014" / "COCO_val2014_000000393267.jpg")
-    return tmp_path
+    return write_vqav2(tmp_path)
 
 
 def test_vqav2_records(vqav2):
@@ -132,24 +102,7 @@ def test_vqav2_missing_image(vqav2):
 
 @pytest.fixture
 def gqa(tmp_path):
-    def question(image_id, text, answer, structural, semantic):
-        return {
-            "semantic": [], "entailed": [], "equivalent": [], "question": text, "imageId": image_id,
-            "isBalanced": True, "groups": {"global": None, "local": "10c-cat"}, "answer": answer,
-            "semanticStr": "...", "annotations": {"answer": {}, "question": {}, "fullAnswer": {}},
-            "types": {"detailed": f"{semantic}Detail", "semantic": semantic, "structural": structural},
-            "fullAnswer": f"The answer is {answer}.",
-        }  # fmt: skip
-
-    questions = {
-        "20968379": question("n288870", "Is the sky dark?", "yes", "verify", "attr"),
-        "20968380": question("n288870", "What is on the table?", "cup", "query", "rel"),
-        "201640614": question("n161313", "Which is bigger, the cat or the dog?", "dog", "choose", "attr"),
-    }
-    write_json(tmp_path / "testdev_balanced_questions.json", questions)
-    image(tmp_path / "images" / "n288870.jpg")
-    image(tmp_path / "images" / "n161313.jpg")
-    return tmp_path
+    return write_gqa(tmp_path)
 
 
 def test_gqa_records(gqa):
@@ -184,27 +137,7 @@ def test_gqa_errors(gqa):
 
 @pytest.fixture
 def textvqa(tmp_path):
-    def question(qid, image_id, text, answers):
-        return {
-            "question": text, "image_id": image_id, "image_classes": ["Camera"], "flickr_original_url": "",
-            "flickr_300k_url": "", "image_width": 1024, "image_height": 768, "answers": answers,
-            "question_tokens": text.split(), "question_id": qid, "set_name": "val",
-        }  # fmt: skip
-
-    data = [
-        question(34602, "003a8ae2ef43b901", "what is the brand of this camera?", ["dakota"] * 7 + ["nikon"] * 3),
-        question(34603, "003a8ae2ef43b901", "what does the small white text spell?", ["copenhagen"] * 10),
-        question(34604, "b9dc400eb20bad64", "what kind of beer is this?", ["ale"] * 5 + ["stone"] * 5),
-    ]
-    write_json(tmp_path / "TextVQA_0.5.1_val.json", {"dataset_type": "val", "dataset_name": "textvqa", "data": data})
-    ocr = [
-        {"image_id": "003a8ae2ef43b901", "ocr_tokens": ["DAKOTA", "DIGITAL", "Single-Use"], "ocr_info": []},
-        {"image_id": "b9dc400eb20bad64", "ocr_tokens": [], "ocr_info": []},
-    ]
-    write_json(tmp_path / "TextVQA_Rosetta_OCR_v0.2_val.json", {"dataset_type": "val", "data": ocr})
-    image(tmp_path / "train_images" / "003a8ae2ef43b901.jpg")
-    image(tmp_path / "train_images" / "b9dc400eb20bad64.jpg")
-    return tmp_path
+    return write_textvqa(tmp_path)
 
 
 def test_textvqa_records_with_ocr_tokens(textvqa):
@@ -252,28 +185,10 @@ def test_textvqa_errors(textvqa):
 
 # ----- POPE -----
 
-POPE_LINES = {
-    "random": [(1, 310196, "snowboard", "yes"), (2, 310196, "toaster", "no")],
-    "popular": [(1, 310196, "snowboard", "yes"), (2, 310196, "person", "no")],
-    "adversarial": [(0, 548882, "dining table", "yes"), (1, 548882, "chair", "no")],
-}
-
 
 @pytest.fixture
 def pope(tmp_path):
-    for setting, lines in POPE_LINES.items():
-        rows = [
-            {"question_id": qid, "image": f"COCO_val2014_{image_id:012d}.jpg", "image_id": image_id,
-             "text": f"Is there a {thing} in the image?", "label": label}
-            for qid, image_id, thing, label in lines
-        ]  # fmt: skip
-        if setting == "random":  # the older release has no image_id
-            rows = [{k: v for k, v in row.items() if k != "image_id"} for row in rows]
-        (tmp_path / "coco").mkdir(exist_ok=True)
-        (tmp_path / "coco" / f"coco_pope_{setting}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    image(tmp_path / "val2014" / "COCO_val2014_000000310196.jpg")
-    image(tmp_path / "val2014" / "COCO_val2014_000000548882.jpg")
-    return tmp_path
+    return write_pope(tmp_path)
 
 
 def test_pope_records(pope):
