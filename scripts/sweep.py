@@ -41,6 +41,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from lightning_modules.benchmark_metrics import Loyalty  # noqa: E402
 from lightning_modules.cli import main as vtprune  # noqa: E402
 from lightning_modules.predictions import read_predictions  # noqa: E402
 from lightning_modules.results import write_json, write_text_atomic  # noqa: E402
@@ -49,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 DEFAULT = ROOT / "configs" / "sweep" / "embedded.yaml"
 KEYS = {"base", "pruners", "budgets", "benchmarks", "out", "args"}
-COLUMNS = ("pruner", "budget", "benchmark", "accuracy", "visual_tokens", "prefill_tflops", "kv_cache_mb",
+COLUMNS = ("pruner", "budget", "benchmark", "accuracy", "loyalty", "visual_tokens", "prefill_tflops", "kv_cache_mb",
            "prefill_latency_ms", "num_samples")  # fmt: skip
 
 
@@ -129,12 +130,32 @@ def summary_row(run: Run, results: dict) -> dict:
         "budget": run.budget,
         "benchmark": run.benchmark,
         "accuracy": results.get("accuracy"),
+        "loyalty": None,  # filled by `add_loyalty` when the sweep has a `none` run of the benchmark
         "visual_tokens": results.get("visual_tokens"),
         "prefill_tflops": None if flops is None else flops / 1e12,
         "kv_cache_mb": None if kv is None else kv / 2**20,
         "prefill_latency_ms": results.get("prefill_latency_ms"),
         "num_samples": results.get("num_samples"),
     }
+
+
+def loyalty(folder: Path, reference: Path) -> float | None:
+    """Share of a run's answers equal (VQA-normalised) to the unpruned run's on the same questions."""
+    references = {str(row["id"]): row["prediction"] for row in read_predictions(reference / "predictions.jsonl")}
+    rows = [row for row in read_predictions(folder / "predictions.jsonl") if str(row["id"]) in references]
+    if not rows:
+        return None
+    metric = Loyalty(references)
+    metric.update([row["prediction"] for row in rows], {"id": [row["id"] for row in rows]})
+    return float(metric.compute()["loyalty"])
+
+
+def add_loyalty(runs: list[Run], rows: list[dict]) -> None:
+    """Loyalty of every run to the `none` run of its benchmark (DESIGN: pruned vs unpruned answers)."""
+    unpruned = {run.benchmark: run.folder for run in runs if run.pruner == "none"}
+    for run, row in zip(runs, rows):
+        if run.benchmark in unpruned:
+            row["loyalty"] = loyalty(run.folder, unpruned[run.benchmark])
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -146,8 +167,8 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    formats = {"accuracy": ".3f", "visual_tokens": ".1f", "prefill_tflops": ".4g", "kv_cache_mb": ".3f",
-               "prefill_latency_ms": ".1f"}  # fmt: skip
+    formats = {"accuracy": ".3f", "loyalty": ".3f", "visual_tokens": ".1f", "prefill_tflops": ".4g",
+               "kv_cache_mb": ".3f", "prefill_latency_ms": ".1f"}  # fmt: skip
 
     def cell(key: str, value) -> str:
         if value is None:
@@ -191,7 +212,9 @@ def sweep(argv: list[str] | None = None) -> list[dict]:
     args, extra = parse(argv)
     spec = load_sweep(args.config)
     out = args.out or Path(spec["out"])
-    rows = [summary_row(run, run_once(run)) for run in plan(spec, out, extra)]
+    runs = plan(spec, out, extra)
+    rows = [summary_row(run, run_once(run)) for run in runs]
+    add_loyalty(runs, rows)
     write_text_atomic(out / "summary.csv", to_csv(rows))
     table = write_text_atomic(out / "summary.md", to_markdown(rows)).read_text()
     plot(rows, "prefill_tflops", "prefill TFLOPs (multiply-adds)", out / "accuracy_vs_flops.png")

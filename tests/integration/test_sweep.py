@@ -13,6 +13,7 @@ import yaml
 
 import pruners
 from data.tiny_llava import write_tiny_dataset, write_tiny_llava
+from lightning_modules.benchmark_metrics import normalize_vqa_answer
 from lightning_modules.module import PrunedMLLM
 from lightning_modules.predictions import read_predictions
 
@@ -84,7 +85,13 @@ def test_uninterrupted_sweep(reference):
     assert [float(r["visual_tokens"]) for r in rows] == [64, 16, 32]
     assert all(int(r["num_samples"]) == QUESTIONS for r in rows)
     assert float(rows[0]["prefill_tflops"]) > float(rows[2]["prefill_tflops"]) > float(rows[1]["prefill_tflops"])
-    assert (reference / "summary.md").read_text().startswith("| pruner | budget | benchmark | accuracy |")
+    assert (reference / "summary.md").read_text().startswith("| pruner | budget | benchmark | accuracy | loyalty |")
+    unpruned = predictions(reference / "tiny" / "none")
+    for row, run in zip(rows, RUNS):  # loyalty: agreement with the unpruned run's answers
+        answers = predictions(reference / "tiny" / run)
+        same = sum(normalize_vqa_answer(answers[i]) == normalize_vqa_answer(unpruned[i]) for i in unpruned)
+        assert float(row["loyalty"]) == pytest.approx(same / len(unpruned))
+    assert float(rows[0]["loyalty"]) == 1.0
     for name in ("accuracy_vs_flops.png", "accuracy_vs_latency.png"):
         assert (reference / name).read_bytes().startswith(b"\x89PNG")
     for run in RUNS:  # fixed folders, no version_N below them
