@@ -85,6 +85,18 @@ def vision_state(hidden: torch.Tensor, grid: tuple[int, int], probe=None) -> Tok
     )
 
 
+def generate_new_tokens(model, inputs: dict, pruner=None, report: bool = False, new_tokens: int = 4, **kw):
+    """The last `new_tokens` greedy tokens, with `pruner` attached if given (and its report as a dict when
+    `report`). min_new_tokens: an early EOS would end a lone sample's output but pad a batched one."""
+    kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, **kw}
+    with torch.no_grad():
+        if pruner is None:
+            return model.generate(**inputs, **kw)[:, -new_tokens:]
+        with pruners.attach(model, pruner) as rep:
+            out = model.generate(**inputs, **kw)[:, -new_tokens:]
+    return (out, rep.as_dict()) if report else out
+
+
 def slice_inputs(inputs: dict, i: int, images_per_sample: int = 1) -> dict:
     """Sample i alone, padding removed."""
     keep = inputs["attention_mask"][i].bool()

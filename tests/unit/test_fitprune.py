@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import llava15_info, make_inputs, make_llava, setup_pruner, slice_inputs
+from conftest import generate_new_tokens, llava15_info, make_inputs, make_llava, setup_pruner, slice_inputs
 
 import pruners
 from pruners.base import Stage, TokenState
@@ -280,14 +280,7 @@ def test_recipe_script_on_a_tiny_model_folder(tmp_path, capsys):
 # ---------------------------------------------------------------- end to end on the tiny model
 
 
-def generate(model, inputs, pruner=None, report=False):
-    kw = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False}
-    with torch.no_grad():
-        if pruner is None:
-            return model.generate(**inputs, **kw)[:, -NEW_TOKENS:]
-        with pruners.attach(model, pruner) as rep:
-            out = model.generate(**inputs, **kw)[:, -NEW_TOKENS:]
-    return (out, rep.as_dict()) if report else out
+generate = functools.partial(generate_new_tokens, new_tokens=NEW_TOKENS)
 
 
 @pytest.mark.parametrize("kwargs", [{"budget": 32}, {}, {"recipe": [10, 0, 20, 0]}])

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from conftest import llava15_info, make_inputs, setup_pruner, slice_inputs, vision_state
+from conftest import generate_new_tokens, llava15_info, make_inputs, setup_pruner, slice_inputs, vision_state
 
 import pruners
 from pruners.base import ModelInfo, Stage, TokenState
@@ -306,15 +306,7 @@ def test_bad_setups_are_rejected():
 # ---------------------------------------------------------------- end to end on the tiny model
 
 
-def generate(model, inputs, pruner=None, report=False, **kw):
-    # min_new_tokens: an early EOS would end a lone sample's output but pad a batched one.
-    kw = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False, **kw}
-    with torch.no_grad():
-        if pruner is None:
-            return model.generate(**inputs, **kw)[:, -NEW_TOKENS:]
-        with pruners.attach(model, pruner) as rep:
-            out = model.generate(**inputs, **kw)[:, -NEW_TOKENS:]
-    return (out, rep.as_dict()) if report else out
+generate = functools.partial(generate_new_tokens, new_tokens=NEW_TOKENS)
 
 
 @pytest.mark.parametrize(
