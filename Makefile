@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo sweep test test-slow bench lint format clean
+.PHONY: help venv demo sweep test test-slow bench bench-next lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ test-slow: $(STAMP) ## Run the slow checks (pytest -m slow)
 
 bench: $(STAMP) ## Prefill speed/memory of pruners vs none on a LLaVA-1.5-shaped model
 	$(BIN)/python scripts/bench_speed.py $(ARGS)
+
+bench-next: $(STAMP) ## The same on a LLaVA-NeXT-shaped model (2,880 visual tokens; ARGS= e.g. --layers 3)
+	$(BIN)/python scripts/bench_speed.py --family llava-next $(ARGS)
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .

@@ -27,6 +27,32 @@ class Stage(str, Enum):
     DECODE = "decode"  # on the KV cache at each decoding step
 
 
+# The model signals a pruner may need and a model family may provide (the "needs" contract). A pruner
+# declares what it needs (`Pruner.needs`, plus what its stages imply, `STAGE_SIGNALS`); a family's runtime
+# declares what it provides; `pruners.attach` rejects a pruner whose needs its family lacks.
+SIGNALS = {
+    "vision_layers": "VISION_LAYER hooks inside the vision encoder, on per-token states over the patch grid",
+    "cls": "a CLS token in the vision encoder",
+    "vision_attention": "attention among an image's visual tokens at VISION_OUTPUT (extras['vision_attention'])",
+    "vision_features": "the encoder features before the projector, and the projector, at VISION_OUTPUT "
+    "(extras['vision_hidden'], extras['projector'])",
+    "grid": "each image's visual tokens at VISION_OUTPUT form a full rows x cols grid in raster order (state.grid)",
+    "single_view": "each image is one view of ModelInfo.visual_tokens tokens, so counts and schedules fixed at "
+    "setup hold for every image and vision-stage row (LLaVA-NeXT's images have varying views and token counts; "
+    "its vision stages get each view's share of the budget, TokenState.quota)",
+    "llm_layers": "LLM_LAYER hooks during prefill, with attention probes, keys and input embeddings",
+    "decode": "DECODE hooks on the per-layer KV cache",
+}
+ALL_SIGNALS = frozenset(SIGNALS)
+# Signals a stage implies: a pruner acting at a stage needs its family to offer that stage's hooks.
+STAGE_SIGNALS = {
+    Stage.VISION_LAYER: frozenset({"vision_layers"}),
+    Stage.VISION_OUTPUT: frozenset(),
+    Stage.LLM_LAYER: frozenset({"llm_layers"}),
+    Stage.DECODE: frozenset({"decode"}),
+}
+
+
 # A probe returns attention of the current layer for chosen query rows, computed from that
 # layer's own queries and keys (the model itself keeps running on SDPA / FlashAttention).
 # Signature: probe(query_index (B, R) long, heads: "mean" | "max" | "none", logits: bool) -> Tensor
@@ -41,7 +67,8 @@ class TokenState:
         hidden: (B, N, D) hidden states of the tokens present.
         valid: (B, N) bool, False for padding slots.
         visual: (B, N) bool, which tokens are visual. At vision stages every patch token is
-            visual and the CLS token is not (so it is never pruned by the generic helpers).
+            visual and the CLS token is not (so it is never pruned by the generic helpers); on
+            LLaVA-NeXT neither is a patch that unpadding drops before the LLM.
         positions: (B, N) long. At LLM stages the original position id of each token. At vision
             stages the patch index (row-major on `grid`) a token stands for; -1 for CLS.
         origin: (B, N) long index of each token in the stage's original sequence (the LLM input
@@ -56,6 +83,13 @@ class TokenState:
         protected: (B, N) bool or None, tokens a pruner marked as never to be dropped by its later
             stages (MustDrop's key token set). The runtime carries it from the vision stages into
             the LLM sequence (a token's flag follows it); pruners read it and honour it themselves.
+        view: (B,) long or None. At the vision stages of a multi-view family (LLaVA-NeXT: a base
+            image plus high-resolution crops, each its own row with its own `grid`), the view each
+            row holds: 0 = the base image, 1.. = the crops in row-major order of the crop grid.
+            None: each row is a whole image.
+        image: (B,) long or None, with `view`: the image (in the batch's image order) each row is a view of.
+        quota: (B,) long or None, with `view`: this row's share of its image's budget, as the
+            runtime splits it over the views; see `row_budget`.
     """
 
     hidden: Tensor
@@ -71,6 +105,9 @@ class TokenState:
     probe: Probe | None = None
     extras: dict = dataclasses.field(default_factory=dict)
     protected: Tensor | None = None
+    view: Tensor | None = None
+    image: Tensor | None = None
+    quota: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -79,6 +116,11 @@ class TokenState:
     @property
     def num_tokens(self) -> int:
         return self.hidden.shape[1]
+
+    def row_budget(self, budget: int | None) -> int | Tensor | None:
+        """Visual tokens this state's rows may keep: `quota` (B,) where the runtime split each image's
+        budget over its views, else the per-image `budget` itself."""
+        return budget if self.quota is None else self.quota
 
     def visual_count(self) -> Tensor:
         """(B,) number of valid visual tokens per sample."""
@@ -160,6 +202,7 @@ class ModelInfo:
     vision_feature_layer: int  # index (>= 0) of the hidden state fed to the projector
     llm_layers: int  # number of decoder layers
     has_cls: bool  # the vision encoder has a CLS token
+    provides: frozenset[str] = ALL_SIGNALS  # signals the family offers (`SIGNALS`); default: all, as LLaVA-1.5
 
 
 class Pruner(nn.Module):
@@ -178,6 +221,12 @@ class Pruner(nn.Module):
             hooked layer's KV cache then holds every token its attention saw) or "pre" (before
             the layer, its probe built from that layer's own norm and q/k on the incoming
             tokens, as PDrop scores). An instance may override it.
+        needs: model signals (`SIGNALS`) the method needs beyond those its stages imply
+            (`STAGE_SIGNALS`): "cls" for a method that ranks by CLS attention, "grid" for pooling.
+        fallback_needs: every signal a documented variant for models lacking some of the paper
+            variant's signals needs instead (VisionZip's CLS-free variant); None: no such variant.
+            `setup` picks the variant from `ModelInfo.provides`.
+        fallback_label: the variant's name in messages and the support matrix.
     Instance attributes set in `__init__` or `setup`:
         budget: visual tokens per image that reach the LLM's last layer (None: method default).
         vision_layers: vision layers after which `vision_layer` runs.
@@ -191,6 +240,27 @@ class Pruner(nn.Module):
     renumber_positions: ClassVar[bool] = False
     proportional_attention: ClassVar[bool] = False
     llm_hook_point: ClassVar[str] = "block"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    fallback_needs: ClassVar[frozenset[str] | None] = None
+    fallback_label: ClassVar[str] = "variant"
+
+    @classmethod
+    def requirements(cls) -> frozenset[str]:
+        """Every signal the paper variant needs: the declared `needs` and those its stages imply."""
+        return cls.needs.union(*(STAGE_SIGNALS[stage] for stage in cls.stages))
+
+    @classmethod
+    def missing(cls, provides: frozenset[str]) -> frozenset[str]:
+        """Signals the paper variant needs that `provides` lacks; empty if it, or the fallback variant, can run."""
+        lacking = cls.requirements() - provides
+        if lacking and cls.fallback_needs is not None and cls.fallback_needs <= provides:
+            return frozenset()
+        return lacking
+
+    @classmethod
+    def uses_fallback(cls, provides: frozenset[str]) -> bool:
+        """True when only the fallback variant can run on a family that provides `provides`."""
+        return not cls.requirements() <= provides and not cls.missing(provides)
 
     def __init__(self, budget: int | None = None) -> None:
         super().__init__()

@@ -13,7 +13,7 @@ c = kv_heads * head_dim, SwiGLU width m:
 which is 4nd^2 + 2n^2d + 3ndm when a = c = d. FastV printed 2ndm for the MLP and ignores GQA;
 `fastv_layer_macs` gives that figure so numbers compare with the papers.
 
-CLIP encoder layer: 4nd^2 + 2n^2d + 2ndm (fc1, fc2).
+CLIP encoder layer: 4nd^2 + 2n^2d + 2ndm (fc1, fc2); 3ndm for a SwiGLU MLP (Qwen2.5-VL's encoder).
 """
 
 from __future__ import annotations
@@ -54,6 +54,12 @@ def fastv_layer_macs(n: int, s: DecoderShape, n_mlp: int | None = None) -> int:
     return 4 * n * d * d + 2 * n * n * d + 2 * n_mlp * d * s.mlp
 
 
-def vit_layer_macs(n: int, d: int, m: int, n_mlp: int | None = None) -> int:
-    """Multiply-adds of one pre-norm ViT (CLIP) encoder layer on n tokens (`n_mlp`: as in `llama_layer_macs`)."""
-    return 4 * n * d * d + 2 * n * n * d + 2 * (n if n_mlp is None else n_mlp) * d * m
+def vit_layer_macs(
+    n: int, d: int, m: int, n_mlp: int | None = None, mlp_matrices: int = 2, pairs: int | None = None
+) -> int:
+    """Multiply-adds of one pre-norm ViT (CLIP) encoder layer on n tokens (`n_mlp`: as in `llama_layer_macs`;
+    `mlp_matrices`: 2 for fc1/fc2, 3 for a SwiGLU MLP as in Qwen2.5-VL's encoder). `pairs`: the query-key
+    pairs of the attention when the n tokens attend in separate groups (sum of n_g^2 over LLaVA-NeXT's views);
+    default n^2, one group."""
+    pairs = n * n if pairs is None else pairs
+    return 4 * n * d * d + 2 * pairs * d + mlp_matrices * (n if n_mlp is None else n_mlp) * d * m

@@ -6,7 +6,7 @@ import inspect
 import re
 from typing import TypeVar
 
-from .base import Pruner
+from .base import SIGNALS, Pruner
 
 _REGISTRY: dict[str, type[Pruner]] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_+\-]*$")
@@ -20,6 +20,10 @@ def register(cls: P) -> P:
         raise TypeError(f"register expects a Pruner subclass, got {cls!r}")
     if not _NAME.match(name):
         raise ValueError(f"pruner name {name!r} must match {_NAME.pattern}")
+    declared = set(cls.needs) | set(cls.fallback_needs or ())
+    if declared - set(SIGNALS):
+        unknown = sorted(declared - set(SIGNALS))
+        raise ValueError(f"pruner {name!r} needs unknown signal(s) {unknown}; allowed: {', '.join(SIGNALS)}")
     if name in _REGISTRY and _REGISTRY[name] is not cls:
         raise ValueError(f"pruner name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
     _REGISTRY[name] = cls

@@ -25,6 +25,9 @@ class SampleRecord:
     llm_visual: list[int]  # visual tokens per LLM layer
     llm_mlp_tokens: list[int] = field(default_factory=list)  # tokens each layer's MLP saw (fewer after a mid cut)
     vision_mlp_tokens: list[int] = field(default_factory=list)  # likewise per vision layer
+    # Per vision layer, the sum over the sample's separate encoder passes (images, LLaVA-NeXT's views) of n^2,
+    # the attention's query-key pairs; empty: one pass, (vision_tokens)^2.
+    vision_attention_pairs: list[int] = field(default_factory=list)
     kv_bytes_prefill: int = 0
     kv_bytes: int = 0  # after the last forward seen (prefill or decode step)
     kv_bytes_per_layer: list[int] = field(default_factory=list)
@@ -36,6 +39,8 @@ class VisionShape:
     mlp: int
     projector_in: int
     projector_out: int
+    mlp_matrices: int = 2  # 2: fc1, fc2 (CLIP, Qwen2-VL); 3: SwiGLU gate, up, down (Qwen2.5-VL)
+    projector_hidden: int | None = None  # projector in -> hidden -> out; None: hidden = out (LLaVA's MLP)
 
 
 class EfficiencyReport:
@@ -80,8 +85,13 @@ class EfficiencyReport:
     def _vision_flops(self, rec: SampleRecord) -> int:
         v = self.vision
         mlp = rec.vision_mlp_tokens or rec.vision_tokens
-        encoder = sum(flops.vit_layer_macs(n, v.hidden, v.mlp, n_mlp) for n, n_mlp in zip(rec.vision_tokens, mlp))
-        projector = rec.projector_tokens * (v.projector_in * v.projector_out + v.projector_out * v.projector_out)
+        pairs = rec.vision_attention_pairs or [None] * len(rec.vision_tokens)
+        encoder = sum(
+            flops.vit_layer_macs(n, v.hidden, v.mlp, n_mlp, v.mlp_matrices, p)
+            for n, n_mlp, p in zip(rec.vision_tokens, mlp, pairs)
+        )
+        inner = v.projector_hidden or v.projector_out
+        projector = rec.projector_tokens * (v.projector_in * inner + inner * v.projector_out)
         return encoder + projector
 
     def as_dict(self) -> dict:

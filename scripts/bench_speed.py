@@ -2,6 +2,7 @@
 
     make bench                       # LLaVA-1.5-shaped: width 4096, SwiGLU 11008, 576 visual tokens
     python scripts/bench_speed.py --pruners fastv pool tome --budgets 64 128 192 --layers 4
+    make bench ARGS="--family llava-next"   # LLaVA-NeXT-shaped: 2,880 visual tokens (base + 2 x 2 crops)
 
 The model has LLaVA-1.5-7B's decoder width (4096, 32 heads, MLP 11008) with a few layers, and a
 CLIP-L-width vision tower (1024) at 336 px / patch 14 (576 visual tokens) with few layers, random
@@ -9,6 +10,13 @@ weights, no download. For each pruner and budget it prints the FLOPs-predicted p
 (vision + LLM multiply-adds of `none` over the pruner's) beside the measured one (median wall
 clock of the full prefill forward), their ratio, the pruner's own hook time as a share of the
 unpruned prefill, and peak memory (CUDA: max allocated; CPU: peak resident-set growth).
+
+`--family llava-next` builds a LLaVA-NeXT (`LlavaNextForConditionalGeneration`) of the same shapes whose
+image is square at twice the tile size, so it takes the 2 x 2 grid pinpoint with nothing unpadded: base
+576 + 4 crops of 576 = 2,880 visual tokens (HF puts 2,928 image tokens in the text: 48 row-end newlines
+too, which the pruners keep and the token column does not count). Its budgets count the whole image
+(default 160, 320, 640, the papers' LLaVA-NeXT settings) and its pruners are those the support matrix runs
+on LLaVA-NeXT.
 """
 
 from __future__ import annotations
@@ -20,39 +28,65 @@ import threading
 import time
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
 
 import pruners
+from pruners.runtime import runnable
+from pruners.runtime.llava_next import image_layout
 
 IMAGE_TOKEN = 3
 OVERHEAD_LIMIT = 0.15  # a pruner's own work may cost at most this share of the unpruned prefill
+FAMILIES = {"llava": "LlavaForConditionalGeneration", "llava-next": "LlavaNextForConditionalGeneration"}
+NEXT_PINPOINTS = [(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)]  # LLaVA-NeXT's grid pinpoints, in tiles
 
 
 def build_model(layers: int, width: int, mlp: int, heads: int, vision_width: int, vision_layers: int,
-                image_size: int, dtype: torch.dtype, device: str) -> LlavaForConditionalGeneration:
+                image_size: int, dtype: torch.dtype, device: str, family: str = "llava"):
     torch.manual_seed(0)
     vision = CLIPVisionConfig(hidden_size=vision_width, intermediate_size=4 * vision_width,
                               num_hidden_layers=vision_layers, num_attention_heads=max(1, vision_width // 64),
                               image_size=image_size, patch_size=14)
     text = LlamaConfig(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
                        num_key_value_heads=heads, vocab_size=1024, max_position_embeddings=4096)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)
+    if family == "llava-next":
+        pinpoints = [[h * image_size, w * image_size] for h, w in NEXT_PINPOINTS]
+        cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                              vision_feature_layer=-2, image_grid_pinpoints=pinpoints)
+        model_class = LlavaNextForConditionalGeneration
+    else:
+        cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)
+        model_class = LlavaForConditionalGeneration
     cfg._attn_implementation = "sdpa"
     with torch.device(device):
-        model = LlavaForConditionalGeneration(cfg)
+        model = model_class(cfg)
     return model.to(dtype).eval()
 
 
 def make_inputs(model, device: str, prefix: int = 35, suffix: int = 40) -> dict:
-    """LLaVA-1.5 layout: 35 system tokens, the image tokens, then the question."""
+    """LLaVA-1.5 layout: 35 system tokens, the image tokens, then the question. LLaVA-NeXT: the same around a
+    square image of 2 x 2 tiles (its 5 views as pixel_values, its size as image_sizes)."""
     size = model.config.vision_config.image_size
-    visual = (size // 14) ** 2
     g = torch.Generator().manual_seed(0)
+    extra = {}
+    if isinstance(model, LlavaNextForConditionalGeneration):
+        image = torch.tensor([[2 * size, 2 * size]])
+        visual = image_layout(image[0], model.config.image_grid_pinpoints, size, size // 14).length
+        pixels = torch.randn(1, 5, 3, size, size, generator=g)
+        extra = {"image_sizes": image.to(device)}
+    else:
+        visual = (size // 14) ** 2
+        pixels = torch.randn(1, 3, size, size, generator=g)
     ids = torch.cat([torch.randint(4, 1024, (prefix,), generator=g), torch.full((visual,), IMAGE_TOKEN),
                      torch.randint(4, 1024, (suffix,), generator=g)])[None]
-    pixels = torch.randn(1, 3, size, size, generator=g).to(model.dtype)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "pixel_values": pixels.to(device)}
+            "pixel_values": pixels.to(model.dtype).to(device), **extra}
 
 
 class PeakMemory:
@@ -130,7 +164,7 @@ def measure(model, inputs, pruner, reps: int, device: str) -> dict:
 def run(args: argparse.Namespace) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     model = build_model(args.layers, args.width, args.mlp, args.heads, args.vision_width, args.vision_layers,
-                        args.image_size, dtype, args.device)
+                        args.image_size, dtype, args.device, args.family)
     inputs = make_inputs(model, args.device)
     base = measure(model, inputs, pruners.build("none"), args.reps, args.device)
     rows = [{"pruner": "none", "budget": "-", **base, "pred": 1.0, "meas": 1.0}]
@@ -145,7 +179,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"# prefill on {args.device} ({torch.get_num_threads()} threads), decoder {args.layers} x width {args.width}"
+    print(f"# {args.family} prefill on {args.device} ({torch.get_num_threads()} threads), "
+          f"decoder {args.layers} x width {args.width}"
           f" (MLP {args.mlp}), vision {args.vision_layers} x {args.vision_width}, {args.dtype}, median of {args.reps}")
     head = (f"{'pruner':<14}{'budget':>7}{'tokens':>8}{'GMACs':>9}{'pred x':>8}{'ms':>10}{'meas x':>8}"
             f"{'meas/pred':>11}{'hook %':>8}{'peak MiB':>10}")
@@ -162,9 +197,12 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    everything = [n for n in pruners.available() if n != "none"]
-    p.add_argument("--pruners", nargs="+", default=everything, help="default: every registered pruner")
-    p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 192])
+    p.add_argument("--family", default="llava", choices=sorted(FAMILIES),
+                   help="llava: LLaVA-1.5 (576 visual tokens); llava-next: LLaVA-NeXT (2,880 = base + 2 x 2 crops)")
+    p.add_argument("--pruners", nargs="+", default=None,
+                   help="default: every registered pruner that runs on the family")
+    p.add_argument("--budgets", nargs="+", type=int, default=None,
+                   help="visual tokens per image; default 64 128 192 (llava), 160 320 640 (llava-next)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--mlp", type=int, default=11008)
@@ -176,7 +214,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.pruners is None:
+        args.pruners = [n for n in runnable(FAMILIES[args.family]) if n != "none"]
+    if args.budgets is None:
+        args.budgets = [160, 320, 640] if args.family == "llava-next" else [64, 128, 192]
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

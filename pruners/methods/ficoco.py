@@ -64,6 +64,15 @@ Deviations from the official code, all deliberate (METHODS §3 quirks):
     runtime renumbers FiCoCo-V's shorter sequence at the LLM input and FiCoCo-L's after every cut).
   * A sample with several images merges budget-per-image times its image count jointly over all its visual
     tokens; a text-only sample is left alone.
+
+Variants: which runs where. FiCoCo-V and -VL need a CLS token for the filter's task term; on an encoder without
+CLS whose family still offers hooks inside the encoder (`fallback_needs`), their CLS-free variant runs, chosen
+in `setup` from `ModelInfo.provides`: the paper-note's rule for no-CLS encoders (METHODS.md §3.2, "use the mean
+of the keys in place of the CLS attention"; the paper text was not readable here), read as the mean of the
+patch keys standing in for the CLS query, a_i = head-mean of kbar_h . k_h,i (the logit scale cancels in the
+L2 normalisation). Everything else is unchanged; `cls_order="official"` needs a CLS and is rejected there.
+No registered family has encoder hooks without CLS today (Qwen2-VL offers no encoder hooks), so the variant is
+checked on constructed states. FiCoCo-L never reads CLS and runs wherever LLM hooks exist.
 """
 
 from __future__ import annotations
@@ -189,6 +198,20 @@ def not_protected(state: TokenState) -> Tensor:
 # ---------------------------------------------------------------- the two steps
 
 
+def cls_logits(attn: Tensor, state: TokenState) -> Tensor:
+    """(B, N) the CLS row of the head-mean logits (paper; with `cls_order="official"`, the index-0 token's)."""
+    anchor = (state.valid & ~state.visual).float().argmax(-1)
+    return attn.gather(1, anchor[:, None, None].expand(-1, 1, attn.shape[-1]))[:, 0]
+
+
+def mean_key_logits(keys: Tensor, patches: Tensor) -> Tensor:
+    """(B, N) the CLS-free task term: head mean of kbar . k_i, kbar = each head's mean key over the patches
+    (unscaled: the scale cancels in the L2 normalisation over the patches)."""
+    weight = patches.float() / patches.sum(-1, keepdim=True).clamp_min(1)
+    mean_key = (keys.float() * weight[:, None, :, None]).sum(2, keepdim=True)  # (B, H, 1, hd)
+    return (mean_key @ keys.float().transpose(-1, -2)).mean(1)[:, 0]
+
+
 def vision_step(state: TokenState, r: int, cfg: _FiCoCo) -> TokenState:
     """One FiCoCo-V step at a CLIP layer (after its attention residual): remove r patch tokens per image."""
     bsz, n = state.valid.shape
@@ -196,9 +219,8 @@ def vision_step(state: TokenState, r: int, cfg: _FiCoCo) -> TokenState:
         state = state.replace(positions=(state.origin - 1).masked_fill(~state.valid, -1))
     attn = all_logits(state)
     patches = state.valid & state.visual
-    anchor = (state.valid & ~state.visual).float().argmax(-1)  # CLS (paper) / index-0 token (official order)
     # filter: CLS attention (task term) minus redundancy among patches
-    a = attn.gather(1, anchor[:, None, None].expand(-1, 1, n))[:, 0]
+    a = mean_key_logits(state.extras["keys"], patches) if cfg.cls_free else cls_logits(attn, state)
     weight = patches.float() / patches.sum(-1, keepdim=True).clamp_min(1)  # mean over patches as a matmul
     b = attn @ weight[..., None] if cfg.redundancy == "row" else weight[:, None, :] @ attn
     b = b.reshape(bsz, n)
@@ -351,6 +373,7 @@ class _FiCoCo(Pruner):
         self.redundancy = _choice(name, "redundancy", redundancy, REDUNDANCIES)
         self.targets = _choice(name, "targets", targets, TARGETS)
         self.cls_order = _choice(name, "cls_order", cls_order, CLS_ORDERS)
+        self.cls_free = False  # set in setup: the mean-key filter for encoders without CLS
         self.vision_hook_point = "attn"
         self.vision_schedule: dict[int, int] = {}
 
@@ -366,7 +389,11 @@ class _FiCoCo(Pruner):
 
     def _setup_vision(self, info: ModelInfo, remove: int | None, r: int | None) -> int:
         """Fix the encoder schedule; returns the tokens it removes per image."""
-        if not info.has_cls:
+        self.cls_free = type(self).uses_fallback(info.provides)
+        if self.cls_free and self.cls_order == "official":
+            raise ValueError(f"{self.name}: cls_order='official' replays a CLS ordering bug, but this encoder has "
+                             "no CLS token; allowed: cls_order='paper'")
+        if not info.has_cls and not self.cls_free:
             raise ValueError(
                 f"{self.name}: the vision filter reads CLS attention; this encoder has no CLS token "
                 "(allowed: encoders with a CLS token)"
@@ -433,6 +460,11 @@ class FiCoCoV(_FiCoCo):
 
     name = "ficoco-v"
     stages = frozenset({Stage.VISION_LAYER})
+    # Its merge schedule is fixed at setup from the image's token count: rows must be whole images. The filter's
+    # task term is CLS attention; without CLS the mean-key variant runs (module docstring).
+    needs = frozenset({"single_view", "cls"})
+    fallback_needs = frozenset({"vision_layers", "single_view"})
+    fallback_label = "CLS-free"
     renumber_positions = True
 
     def __init__(
@@ -483,6 +515,8 @@ class FiCoCoL(_FiCoCo):
 
     name = "ficoco-l"
     stages = frozenset({Stage.LLM_LAYER})
+    # Its merge schedule is fixed at setup from the image's token count: every image must have that count.
+    needs = frozenset({"single_view"})
     renumber_positions = True
     llm_hook_point = "attn"
 
@@ -530,6 +564,11 @@ class FiCoCoVL(_FiCoCo):
 
     name = "ficoco-vl"
     stages = frozenset({Stage.VISION_LAYER, Stage.LLM_LAYER})
+    # Its encoder schedule is fixed at setup from the image's token count: rows must be whole images. The filter's
+    # task term is CLS attention; without CLS the mean-key variant runs (module docstring).
+    needs = frozenset({"single_view", "cls"})
+    fallback_needs = frozenset({"vision_layers", "llm_layers", "single_view"})
+    fallback_label = "CLS-free"
     renumber_positions = True
     llm_hook_point = "attn"
 

@@ -170,6 +170,8 @@ class FitPrune(Pruner):
 
     name = "fitprune"
     stages = frozenset({Stage.LLM_LAYER})
+    # Deletions per layer are fixed at setup from the image's token count: every image must have that count.
+    needs = frozenset({"single_view"})
     llm_hook_point = "attn"  # official: the cut is inside layer l, after its attention
 
     def __init__(self, budget: int | None = None, recipe: list[int] | None = None, preset: int | None = None) -> None:

@@ -21,10 +21,18 @@ alike) keeps its own. Steps of this file (METHODS.md §2.1), on one token set F 
      with their original position ids (the runtime's default; official `position_ids = keep_indices`).
 
 One graph per image (METHODS.md §2.3, the LLaVA-1.5 adaptation): the VISION_OUTPUT state has one
-row per image, so `graph_scores` runs on each row independently. `graph_scores` takes any (B, N, D)
-token set with a (B, N) valid mask, so LLaVA-NeXT's separate graphs (base image; unpadded grid
-without the row-end newline tokens, which are always kept; METHODS.md §2.2) are one call per part
-once that runtime exists.
+row per image, so `graph_scores` runs on each row independently.
+
+LLaVA-NeXT (METHODS.md §2.2, official `llava_arch.py`): the official code builds two separate graphs
+per image, one on the base image's tokens and one on the unpadded high-resolution grid, i.e. the
+tokens of all the crops together, without the row-end newline tokens (the runtime keeps those, always,
+and never counts them). No edge links the base to a crop, nor two images. The runtime hands each view
+as its own row (`TokenState.view`, `TokenState.image`); `graphs="official"` (default) joins an image's
+crop rows into one token set and keeps the base alone, `graphs="view"` builds one graph per view (per
+crop; a variant, not in the official code). Counts per graph: without a budget floor(keep_ratio * n) of
+its n tokens (official: int(0.5 * 576) for the base, int(0.5 * rows * cols) for the grid); with a
+budget, the sum of its rows' `quota`s (the runtime's split of the image's budget over the views, in
+proportion to their tokens), so the whole image keeps exactly `budget`.
 
 Deviations from the official code (all numerical):
   * Everything runs in float32; the official code runs in the model dtype (fp16). In fp16 the
@@ -38,7 +46,8 @@ Deviations from the official code (all numerical):
     the official code would give it a uniform transition row and deg = N. Never met in practice.
   * Ties in score go to the earlier token (stable sort); `torch.topk` leaves their order unspecified.
   * The official LLaVA-NeXT code assumes batch 1 and a fixed system-prompt length of 46; here any
-    batch works and the image slots come from the runtime.
+    batch works and the image slots come from the runtime. Its grid graph covers every crop token left by
+    unpadding, as here; with a budget instead of its keep ratio the two graphs share the budget as above.
 """
 
 from __future__ import annotations
@@ -49,8 +58,10 @@ import torch
 from torch import Tensor
 
 from ..base import ModelInfo, Pruner, Stage, TokenState
-from ..ops import cosine_similarity, topk_visual
+from ..ops import compact_index, cosine_similarity, top_mask, topk_visual
 from ..registry import register
+
+GRAPHS = ("official", "view")  # LLaVA-NeXT: base + one grid graph per image (official), or one per view
 
 
 def graph_scores(
@@ -95,6 +106,8 @@ class GPrune(Pruner):
         similarity: cosine threshold for an edge (official 0.5), in (0, 1].
         temperature: softmax temperature of the transition matrix (official 0.03), > 0.
         iterations: propagation steps (official 5), >= 0 (0: score = norm / degree).
+        graphs: on multi-view images (LLaVA-NeXT), "official" (one graph on the base image, one on all its
+            crops) or "view" (one graph per view); see the module docstring. Single-view models: one per image.
     """
 
     name = "gprune"
@@ -107,8 +120,12 @@ class GPrune(Pruner):
         similarity: float = 0.5,
         temperature: float = 0.03,
         iterations: int = 5,
+        graphs: str = "official",
     ) -> None:
         super().__init__(budget)
+        if graphs not in GRAPHS:
+            raise ValueError(f"gprune: graphs must be one of {GRAPHS}, got {graphs!r}")
+        self.graphs = graphs
         if not _is_real(keep_ratio) or not 0 < keep_ratio <= 1:
             raise ValueError(f"gprune: keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
         if not _is_real(similarity) or not 0 < similarity <= 1:
@@ -132,13 +149,40 @@ class GPrune(Pruner):
 
     def vision_output(self, state: TokenState) -> TokenState:
         candidates = state.visual & state.valid
+        if state.view is not None:
+            return self._multi_view(state, candidates)
         scores = graph_scores(state.hidden, candidates, self.similarity, self.temperature, self.iterations)
         return state.keep(topk_visual(state, scores, self.budget))
+
+    def _multi_view(self, state: TokenState, candidates: Tensor) -> TokenState:
+        """One graph per token set of a multi-view image (module docstring): the set's tokens are gathered
+        from its rows (row by row, in slot order), scored and cut on their own, then put back."""
+        if self.graphs == "official":  # base alone, the crops of an image together
+            key = state.image * 2 + (state.view > 0)
+        else:
+            key = torch.arange(state.batch_size, device=state.valid.device)
+        chosen = torch.zeros_like(candidates)
+        for group in key.unique().tolist():
+            rows = (key == group).nonzero()[:, 0]
+            members = candidates[rows]  # (rows, N)
+            tokens = state.hidden[rows][members][None]  # (1, n, D)
+            if tokens.shape[1] == 0:
+                continue
+            if self._budget_arg is None:  # official: int(keep_ratio * n) of this graph's n tokens
+                count = math.floor(self.keep_ratio * tokens.shape[1])
+            else:
+                count = int(state.quota[rows].sum()) if state.quota is not None else self.budget
+            valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            scores = graph_scores(tokens, valid, self.similarity, self.temperature, self.iterations)
+            picked = torch.zeros_like(members)
+            picked[members] = top_mask(scores, valid, count)[0]
+            chosen[rows] = picked
+        return state.keep(compact_index((state.valid & ~state.visual) | chosen))
 
     def extra_repr(self) -> str:
         return (
             f"budget={self.budget}, keep_ratio={self.keep_ratio}, similarity={self.similarity}, "
-            f"temperature={self.temperature}, iterations={self.iterations}"
+            f"temperature={self.temperature}, iterations={self.iterations}, graphs={self.graphs!r}"
         )
 
 

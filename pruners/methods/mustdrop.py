@@ -43,6 +43,12 @@ entering the LLM down to target = budget x images at the last pruning layer), ra
 first, then by max(G_j / (global_thr * sum_k G_k), M_j / individual_thr): a token is "weak" under
 the paper's AND rule exactly when this score is < 1, so the ranking agrees with the rule.
 
+LLaVA-NeXT (multi-view images): stages 1 and 1b run in every view's CLIP pass (base and crops, each with
+its own CLS); in budget mode each view's merges and key set are capped by its share of the image's budget
+(`TokenState.quota`), and the LLM stage keeps budget x images over all views. Windows holding a patch that
+unpadding drops never merge. The official LLaVA-NeXT code uses the flat merge (views concatenated, no
+unpadding, no newlines); here HF's layout stays (see `pruners.runtime.llava_next`), so `order` has no effect.
+
 Layer schedules are given for Vicuna-7B (32 layers) and CLIP-L (24 layers) and mapped to other
 depths with `pruners.base.scale_layers`; LLM layers are then clipped to 0..llm_layers-2 (a cut
 after the last layer changes nothing): 2, 6, 10, 14 become 0, 1, 2 on a 4-layer decoder.
@@ -171,6 +177,7 @@ class MustDrop(Pruner):
 
     name = "mustdrop"
     stages = frozenset({Stage.VISION_LAYER, Stage.VISION_OUTPUT, Stage.LLM_LAYER, Stage.DECODE})
+    needs = frozenset({"cls", "vision_attention"})  # the key token set ranks patches by CLS attention
     renumber_positions = True
 
     def __init__(
@@ -232,8 +239,11 @@ class MustDrop(Pruner):
         width = state.hidden.shape[-1]
         tokens = torch.gather(state.hidden, 1, members.view(bsz, -1, 1).expand(-1, -1, width)).view(bsz, n_win, k, -1)
         score = window_similarity(tokens)
+        # A window with a patch that is not visual (one LLaVA-NeXT's unpadding drops) never merges.
+        whole = torch.gather(state.visual, 1, members.view(bsz, -1)).view(bsz, n_win, k).all(-1)
+        score = score.masked_fill(~whole, float("-inf"))
         rank = row_rank(score)
-        chosen = (score >= self.tau) & (rank < self._max_merges(k))
+        chosen = (score >= self.tau) & (rank < self._max_merges(k, state))
         if not chosen.any():
             return state
         sizes = torch.gather(state.sizes, 1, members.view(bsz, -1)).view(bsz, n_win, k).float()
@@ -258,9 +268,10 @@ class MustDrop(Pruner):
         return out
 
     def _window_slots(self, state: TokenState) -> Tensor:
-        """(B, P) slot of every patch index; the merge runs on the full, unmerged patch grid."""
+        """(B, P) slot of every patch index; the merge runs on the full, unmerged patch grid (a patch that is
+        not visual, dropped later by LLaVA-NeXT's unpadding, still has its slot: CLS alone has position -1)."""
         rows, cols = state.grid
-        patch = state.visual & state.valid
+        patch = state.valid & (state.positions >= 0)
         if not (patch.sum(-1) == rows * cols).all() or (state.sizes[patch] != 1).any():
             raise RuntimeError("mustdrop: the window merge needs every patch of the grid, unmerged")
         bsz, n = patch.shape
@@ -269,11 +280,14 @@ class MustDrop(Pruner):
         # Non-patch slots all write to column 0, which is discarded.
         return table.scatter(1, torch.where(patch, state.positions + 1, 0), slots)[:, 1:]
 
-    def _max_merges(self, k: int) -> int:
+    def _max_merges(self, k: int, state: TokenState) -> int | Tensor:
         """Windows an image may merge: all in threshold mode; in budget mode few enough that at least
-        `budget` visual tokens reach the LLM (each merge removes k - 1 tokens)."""
+        `budget` visual tokens reach the LLM (each merge removes k - 1 tokens); per view, its share of the
+        image's budget (`state.quota`, LLaVA-NeXT)."""
         if self.budget is None:
             return self.info.visual_tokens
+        if state.quota is not None:
+            return ((state.visual_count() - state.quota) // (k - 1))[:, None]
         return (self.info.visual_tokens - self.budget) // (k - 1)
 
     def _merged_order(self, state, keep, anchor, chosen, rank, n_win) -> Tensor:
@@ -305,7 +319,7 @@ class MustDrop(Pruner):
         candidates = state.visual & state.valid & (state.positions >= 0)  # patches, never CLS
         count = torch.ceil(candidates.sum(-1).double() * self.key_ratio).long()
         if self.budget is not None:
-            count = count.clamp(max=self.budget)
+            count = torch.minimum(count, torch.as_tensor(state.row_budget(self.budget), device=count.device))
         return state.replace(protected=top_mask(row[:, offset:], candidates, count))
 
     # -- stage 2: dual-attention filtering (LLM prefill) -----------------------------------------

@@ -53,6 +53,7 @@ class PoolPruner(Pruner):
 
     name = "pool"
     stages = frozenset({Stage.VISION_OUTPUT})
+    needs = frozenset({"grid"})  # pools the full patch grid
 
     def __init__(self, budget: int | None = None) -> None:
         super().__init__(budget)

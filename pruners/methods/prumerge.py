@@ -48,6 +48,10 @@ Token order (``order``). The runtime puts each token in the image slot named by 
 the image's first slots; "raster" leaves kept tokens at their own patch slots and puts the extra token in the slot
 of the last pruned patch. Either way the LLM sees contiguous position ids, as official (`renumber_positions`).
 
+LLaVA-NeXT (multi-view images): each view (base, crops) is scored by its own CLS; in budget mode each view
+keeps its share of the image's budget (`TokenState.quota`), the extra token included; patches that unpadding
+drops are not candidates; tokens are placed by patch (raster order; see `pruners.runtime.llava_next`).
+
 Deviations from the official code:
   * None in merge space: as the official code, merging runs on the CLIP features (`extras["vision_hidden"]`,
     `hidden_states[-2]`) and the result goes through the model's projector (`extras["projector"]`).
@@ -163,6 +167,8 @@ class PruMerge(Pruner):
 
     name = "prumerge"
     stages = frozenset({Stage.VISION_OUTPUT})
+    # CLS attention picks the tokens; merging runs on the encoder features, then the projector.
+    needs = frozenset({"cls", "vision_attention", "vision_features"})
     renumber_positions = True  # the official LLM sequence is contiguous
 
     def __init__(
@@ -194,14 +200,15 @@ class PruMerge(Pruner):
             )
 
     # -- selection (filter) --------------------------------------------------------------------------------------
-    def _counts(self, attn: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
-        """(B,) tokens kept by attention and (B,) uniform samples (PruMerge+ budget mode; else 0)."""
+    def _counts(self, attn: Tensor, candidates: Tensor, budget: int | Tensor | None) -> tuple[Tensor, Tensor]:
+        """(B,) tokens kept by attention and (B,) uniform samples (PruMerge+ budget mode; else 0). `budget`: each
+        row's places in budget mode (the image's budget, or a view's share of it on LLaVA-NeXT)."""
         n = candidates.sum(-1)
         if self.budget is None:
             outliers = iqr_outliers(attn, candidates)
             return outliers, torch.zeros_like(outliers)
-        places = n.clamp(max=self.budget)
-        places = places - (self.extra_token & (places < n)).long()  # one place for the extra token
+        places = torch.minimum(n, torch.as_tensor(budget, device=n.device))
+        places = places - (self.extra_token & (places < n) & (places > 0)).long()  # one place for the extra token
         return places, torch.zeros_like(places)
 
     def _samples(self, top: Tensor, candidates: Tensor, positions: Tensor, samples: Tensor) -> Tensor:
@@ -212,13 +219,16 @@ class PruMerge(Pruner):
     def vision_output(self, state: TokenState) -> TokenState:
         attn, keys, feats, project = self._signals(state)
         candidates = state.visual & state.valid
-        outliers, samples = self._counts(attn, candidates)
+        budget = state.row_budget(self.budget)
+        outliers, samples = self._counts(attn, candidates, budget)
         rank = row_rank(attn, candidates, descending=True)
         top = candidates & (rank < outliers[:, None])
         sampled = self._samples(top, candidates, state.positions, samples) & ~top
         kept = top | sampled
         pruned = candidates & ~kept
         extra = pruned.any(-1) & self.extra_token  # (B,)
+        if budget is not None:  # no place at all (a view's zero share of a small budget): no extra token
+            extra = extra & (torch.as_tensor(budget, device=extra.device) > 0)
         # The extra token lives in the slot of the last pruned patch (any pruned slot would do).
         host = extra[:, None] & (row_rank(state.positions, pruned, descending=True) == 0) & pruned
         index = compact_index(kept | host)
@@ -300,8 +310,8 @@ class PruMergePlus(PruMerge):
             raise ValueError(f"{self.name}: outlier_share must be a number in [0, 1], got {outlier_share!r}")
         self.outlier_share = float(outlier_share)
 
-    def _counts(self, attn: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
-        places, samples = super()._counts(attn, candidates)
+    def _counts(self, attn: Tensor, candidates: Tensor, budget: int | Tensor | None) -> tuple[Tensor, Tensor]:
+        places, samples = super()._counts(attn, candidates, budget)
         if self.budget is None:
             return places, samples  # adaptive: the samples follow from the stride rule
         top = torch.floor(places.double() * self.outlier_share + 0.5).long()

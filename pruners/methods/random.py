@@ -54,7 +54,8 @@ class RandomPruner(Pruner):
 
     def vision_output(self, state: TokenState) -> TokenState:
         scores = self.slot_scores(state.num_tokens).to(state.hidden.device).expand(state.batch_size, -1)
-        return state.keep(topk_visual(state, scores, self.budget))
+        # Multi-view images (LLaVA-NeXT): each view row keeps its share of the image's budget.
+        return state.keep(topk_visual(state, scores, state.row_budget(self.budget)))
 
     def extra_repr(self) -> str:
         return f"budget={self.budget}, seed={self.seed}"

@@ -79,6 +79,8 @@ class ToMe(Pruner):
 
     name = "tome"
     stages = frozenset({Stage.VISION_LAYER})
+    # One merge schedule for every row, fixed at setup from the image's token count: rows must be whole images.
+    needs = frozenset({"single_view"})
     proportional_attention = True
 
     def __init__(self, budget: int | None = None, r: int | None = None) -> None:

@@ -219,7 +219,7 @@ class DecoderRunner:
         self._inputs = (seq.hidden, seq.origin, seq.valid)  # for extras["input_embeds"]
         mask = prefill_mask(seq.valid)
         layer_mask = self._mask(mask, seq.hidden.dtype)
-        cos, sin = self.lm.rotary_emb(seq.hidden, position_ids=seq.positions)
+        cos, sin = self.lm.rotary_emb(seq.hidden, position_ids=self.rope_positions(seq))
         for i, layer in enumerate(self.layers):
             if self.pre and i in self.hook_layers:
                 self.clock.run(_project, seq, layer)  # the pruner's cost, so its clock
@@ -250,8 +250,13 @@ class DecoderRunner:
         if new is None:
             return seq, mask, layer_mask, cos, sin
         mask = prefill_mask(new.valid)
-        cos, sin = self.lm.rotary_emb(new.hidden, position_ids=new.positions)
+        cos, sin = self.lm.rotary_emb(new.hidden, position_ids=self.rope_positions(new))
         return new, mask, self._mask(mask, new.hidden.dtype), cos, sin
+
+    def rope_positions(self, seq: Sequence) -> Tensor:
+        """The position ids the rotary embedding takes for the tokens of `seq`: their 1-D positions. A family
+        with multi-axis rotary positions (Qwen2-VL's 3-D M-RoPE) overrides this."""
+        return seq.positions
 
     def _cut(self, seq: Sequence, i: int, layer, cos, sin, mask, grid) -> Sequence | None:
         probe = LLMProbe(layer, self.capture, cos, sin, mask)
@@ -285,9 +290,11 @@ class DecoderRunner:
         now = torch.where(seq.valid, seq.origin, length - 1)[..., None].expand(-1, -1, width)
         return table.gather(1, now)
 
-    def decode(self, hidden: Tensor, positions: Tensor, origin: Tensor, cache, slots: list[LayerSlots]) -> Tensor:
-        """Runs q new tokens (B, q) through every layer against each layer's own cache."""
-        cos, sin = self.lm.rotary_emb(hidden, position_ids=positions)
+    def decode(self, hidden: Tensor, positions: Tensor, origin: Tensor, cache, slots: list[LayerSlots],
+               rope_positions: Tensor | None = None) -> Tensor:
+        """Runs q new tokens (B, q) through every layer against each layer's own cache. `rope_positions`: the
+        rotary position ids when they differ from `positions` (Qwen2-VL's (3, B, q) M-RoPE ids)."""
+        cos, sin = self.lm.rotary_emb(hidden, position_ids=positions if rope_positions is None else rope_positions)
         q = hidden.shape[1]
         for i, layer in enumerate(self.layers):
             mask = decode_mask(slots[i].valid, q)

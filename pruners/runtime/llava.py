@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
 
-from ..base import ModelInfo, Pruner, Stage, TokenState
+from ..base import ALL_SIGNALS, ModelInfo, Pruner, Stage, TokenState
 from ..flops import DecoderShape
 from ..ops import compact_index
 from ..report import EfficiencyReport, SampleRecord, Stopwatch, Timer, VisionShape
@@ -30,6 +30,19 @@ from .decoder import DecodeCache, DecoderRunner, LayerSlots, Sequence
 from .vision import VisionProbe, VisionRunner
 
 UNSUPPORTED_KWARGS = ("output_attentions", "output_hidden_states")
+
+
+def keep_pixels_for_forward(core) -> None:
+    """generate() pre-encodes images through `get_image_features` when its signature names
+    pixel_values; a pass-through with a (*args, **kwargs) signature keeps the pixels in the call to
+    forward, where the pruned vision loop runs. Direct calls behave as before. Undone by deleting
+    the instance attribute."""
+    original = core.get_image_features
+
+    def get_image_features(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    core.get_image_features = get_image_features
 
 
 def model_info(model) -> ModelInfo:
@@ -49,11 +62,13 @@ def model_info(model) -> ModelInfo:
 
 
 class LlavaRuntime:
+    provides = ALL_SIGNALS  # CLS, every vision layer, attention and features at every stage (pruners.base.SIGNALS)
+
     def __init__(self, model, pruner: Pruner) -> None:
         self.model = model
         self.core = model.model
         self.pruner = pruner
-        self.info = model_info(model)
+        self.info = self._model_info(model)
         pruner.setup(self.info)
         cfg = model.config
         self.image_token_id = cfg.image_token_id
@@ -71,6 +86,10 @@ class LlavaRuntime:
         )
         self._gen: dict | None = None  # bookkeeping of the generation in progress
 
+    @staticmethod
+    def _model_info(model) -> ModelInfo:
+        return model_info(model)
+
     # -- attach / detach ----------------------------------------------------------------------
     def __enter__(self) -> EfficiencyReport:
         for i in self.vision.hook_layers:
@@ -78,15 +97,7 @@ class LlavaRuntime:
         for i in self.decoder.hook_layers:
             self.capture.watch(self.decoder.layers[i].self_attn)
         self.core.forward = self.forward
-        # generate() pre-encodes images through get_image_features when its signature names
-        # pixel_values; a pass-through with a (*args, **kwargs) signature keeps the pixels in the
-        # call to forward, where the pruned vision loop runs. Direct calls behave as before.
-        original = self.core.get_image_features
-
-        def get_image_features(*args, **kwargs):
-            return original(*args, **kwargs)
-
-        self.core.get_image_features = get_image_features
+        keep_pixels_for_forward(self.core)
         return self.report
 
     def __exit__(self, *exc) -> None:
@@ -176,29 +187,42 @@ class LlavaRuntime:
         proj_tokens = state.valid.sum(-1)
         slots = image_mask.flatten().nonzero()[:, 0].view(-1, visual)  # (images, visual) flat (b * L + l)
         sample = slots[:, 0] // image_mask.shape[1]
-        keep = valid & ~image_mask
         kept = state.valid
         slot_of = (state.positions + int(self.full_strategy)).clamp(min=0)  # image slot each token stands for
         target = torch.gather(slots, 1, slot_of)[kept]
-        flat = embeds.reshape(-1, embeds.shape[-1]).clone()
-        flat[target] = state.hidden[kept].to(flat.dtype)
-        keep = keep.flatten().index_fill(0, target, True).view_as(keep)
         num_images = torch.bincount(sample, minlength=embeds.shape[0])
-        seq = self._compact(flat.view_as(embeds), keep, positions, image_mask, num_images)
-        if state.protected is not None:  # the flag follows its token into the text
-            flags = torch.zeros(keep.numel(), dtype=torch.bool, device=keep.device)
-            flags[target] = state.protected[kept]
-            seq.protected = flags.view_as(keep).gather(1, seq.origin.clamp(min=0)) & seq.valid
+        protected = None if state.protected is None else state.protected[kept]
+        seq = self._merge(embeds, valid, positions, image_mask, image_mask, target, state.hidden[kept], num_images,
+                          protected)
         return seq, [self._per_sample(c, sample, embeds.shape[0]) for c in vision_counts], \
             self._per_sample(proj_tokens, sample, embeds.shape[0])
+
+    def _merge(self, embeds, valid, positions, image_mask, visual_mask, target, values, num_images,
+               protected=None) -> Sequence:
+        """The decoder input: the text, and `values` written at the flat slots `target` (b * L + l); image
+        slots (`image_mask`) not in `target` are left out. `visual_mask` marks the slots of visual tokens;
+        `protected` (one flag per target) follows its token into the sequence."""
+        flat = embeds.reshape(-1, embeds.shape[-1]).clone()
+        flat[target] = values.to(flat.dtype)
+        keep = (valid & ~image_mask).flatten().index_fill(0, target, True).view_as(valid)
+        seq = self._compact(flat.view_as(embeds), keep, positions, visual_mask, num_images)
+        if protected is not None:
+            flags = torch.zeros(keep.numel(), dtype=torch.bool, device=keep.device)
+            flags[target] = protected
+            seq.protected = flags.view_as(keep).gather(1, seq.origin.clamp(min=0)) & seq.valid
+        return seq
 
     def _encode(self, pixel_values: Tensor) -> tuple[TokenState, list[Tensor]]:
         """Vision loop, CLS handling, projector and the VISION_OUTPUT hook."""
         features, counts = self.vision.run(pixel_values)
         # 'default' drops CLS; 'full' feeds it as the first image token (image slot 0).
         patches = features.keep(compact_index(features.valid & (features.visual | self.full_strategy)))
+        return self._vision_output(features, patches.replace(visual=patches.valid)), counts
+
+    def _vision_output(self, features: TokenState, patches: TokenState) -> TokenState:
+        """Projector and the VISION_OUTPUT hook on the feature tokens chosen for the LLM (`patches`)."""
         hidden = self.core.multi_modal_projector(patches.hidden)
-        state = patches.replace(hidden=hidden, stage=Stage.VISION_OUTPUT, visual=patches.valid)
+        state = patches.replace(hidden=hidden, stage=Stage.VISION_OUTPUT)
         if Stage.VISION_OUTPUT in self.pruner.stages:
             layer = self.vision.layers[self.info.vision_feature_layer] \
                 if self.info.vision_feature_layer < len(self.vision.layers) else None
@@ -208,7 +232,7 @@ class LlavaRuntime:
             # Methods that merge CLIP features (PruMerge) project their result themselves.
             state.extras["projector"] = self.core.multi_modal_projector
             state = self.clock.run(self.pruner.vision_output, state)
-        return state, counts
+        return state
 
     @staticmethod
     def _per_sample(per_image: Tensor, sample: Tensor, bsz: int) -> Tensor:

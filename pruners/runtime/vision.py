@@ -80,10 +80,11 @@ class VisionRunner:
             stage=Stage.VISION_LAYER, grid=self.grid,
         )
 
-    def run(self, pixel_values: Tensor) -> tuple[TokenState, list[Tensor]]:
+    def run(self, pixel_values: Tensor, **fields) -> tuple[TokenState, list[Tensor]]:
         """Features (the input of the feature layer, CLS included) and, per layer run, the tokens its
-        attention and its MLP saw ((2, images) each: they differ where a hook cuts between the two)."""
-        state = self.initial_state(pixel_values)
+        attention and its MLP saw ((2, images) each: they differ where a hook cuts between the two).
+        `fields` replace those of the initial state (a multi-view family's `view`, `quota`, ...)."""
+        state = self.initial_state(pixel_values).replace(**fields)
         counts = []
         for i in range(self.feature_layer):
             before = state.valid.sum(-1)
