@@ -14,6 +14,7 @@ from __future__ import annotations
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from data.shapes_questions import vocabulary
+from data.shapes_text import SCENE_WORDS
 from data.tiny_llava import build_processor, build_tiny_llava
 
 CHAT_WORDS = ["user", "assistant", ":"]  # the words the chat template adds around a question
@@ -29,8 +30,9 @@ SIZES = {
 
 
 def shapes_processor() -> LlavaProcessor:
-    """The processor: CLIP preprocessing at 336 px and a tokenizer over every benchmark word."""
-    return build_processor(sorted(set(vocabulary()) | set(CHAT_WORDS)), image_size=336)
+    """The processor: CLIP preprocessing at 336 px and a tokenizer over every benchmark word, the chat
+    template's and those of the scene descriptions the decoder pre-trains on (`data.shapes_text`)."""
+    return build_processor(sorted(set(vocabulary()) | set(CHAT_WORDS) | set(SCENE_WORDS)), image_size=336)
 
 
 def build_shapes_llava(processor: LlavaProcessor, seed: int = 0, **sizes: int) -> LlavaForConditionalGeneration:

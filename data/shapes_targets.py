@@ -6,9 +6,10 @@ of object centres), and which code a label carries. To answer, the last layer's 
 to find the object and label tokens, so CLS attention carries meaning as in CLIP.
 
 Patch targets (`PATCH_HEADS`, read from each patch token of the layer LLaVA feeds the LLM): what
-covers the patch (colour, shape, or label), which label character, and whether an object's centre
-lies in it. CLS-only pre-training learnt colours but neither shapes nor characters within the CPU
-budget, so the tower also gets this dense signal (see `lightning_modules.vision_pretraining`).
+covers the patch (colour, shape, or label), which label character, which whole code its label reads,
+whether an object's centre lies in it, and its row and column. CLS-only pre-training learnt colours
+but neither shapes nor characters within the CPU budget, so the tower also gets this dense signal
+(see `lightning_modules.vision_pretraining`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ PATCH_HEADS = {
     "patch_shape": len(SHAPES) + 2,
     "patch_char": len(ALPHABET) + 1,
     "patch_center": 2,  # an object's centre lies in the patch (one patch per object: countable)
+    "patch_code": len(TEXTS) + 1,  # the whole code of the label the patch belongs to: reading is in the token
+    "patch_row": GRID_SIDE,  # where the patch is: spatial relations are in the tokens, not only in the
+    "patch_col": GRID_SIDE,  # LLM's 1-D raster positions
 }
 
 
@@ -93,11 +97,19 @@ def patch_targets(sample: Sample) -> dict[str, torch.Tensor]:
     for obj in sample.objects:
         cx, cy = obj.center
         center[int(cy // PATCH) * GRID_SIDE + int(cx // PATCH)] = 1
+    char = _majority(np.asarray(chars))
+    code = np.zeros_like(owner)
+    if sample.text is not None:
+        code[(owner == LABEL) | (char > 0)] = TEXTS.index(sample.text.text) + 1
+    where = np.arange(GRID_SIDE * GRID_SIDE)
     return {
         "patch_color": torch.from_numpy(color),
         "patch_shape": torch.from_numpy(shape),
-        "patch_char": torch.from_numpy(_majority(np.asarray(chars))),
+        "patch_char": torch.from_numpy(char),
         "patch_center": torch.from_numpy(center),
+        "patch_code": torch.from_numpy(code),
+        "patch_row": torch.from_numpy(where // GRID_SIDE),
+        "patch_col": torch.from_numpy(where % GRID_SIDE),
     }
 
 

@@ -9,6 +9,7 @@ earlier ones; YAML files may use OmegaConf interpolation.
 `vtprune fit` trains any LightningModule, named by `model.class_path` in its config:
 
     vtprune fit -c configs/experiment/train_tiny_llava_vision.yaml   # VisionPretraining
+    vtprune fit -c configs/experiment/train_tiny_llava_text.yaml     # TextPretraining
     vtprune fit -c configs/experiment/train_tiny_llava.yaml          # QAFinetuning
 """
 
@@ -25,6 +26,7 @@ from .datamodule import BenchmarkDataModule, JsonlBenchmark  # noqa: F401
 from .module import PrunedMLLM
 from .qa_finetuning import QAFinetuning  # noqa: F401
 from .shapes_data import ShapesBenchmark  # noqa: F401
+from .text_pretraining import TextPretraining  # noqa: F401
 from .vision_pretraining import VisionPretraining  # noqa: F401
 
 RICH_BAR = "pytorch_lightning.callbacks.RichProgressBar"

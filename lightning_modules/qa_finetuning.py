@@ -4,7 +4,9 @@ As LLaVA's instruction tuning: the CLIP tower from stage 1 (`lightning_modules.v
 is frozen; the projector and the whole decoder train on (image, question, answer) in the model's
 chat format, with the loss on the answers and the end-of-sequence tokens only. A training sample is
 a conversation of one or more turns about one image (`ShapesBenchmark(turns=...)`, as LLaVA's
-multi-turn instruction data), so the 576 visual tokens are paid for once per several answers. Every
+multi-turn instruction data), so the 576 visual tokens are paid for once per several answers; the
+turns are packed blind to each other (`lightning_modules.turn_packing`), so none can copy an
+answer from another and each reads exactly like an evaluation prompt. Every
 answer of the shapes benchmark is one word: the targets are the token after each "ASSISTANT:" and
 the `</s>` after it.
 
@@ -21,6 +23,7 @@ from torch.nn import functional as F
 from .hf_model import chat_prompt, load_model_and_processor
 from .metrics import VQAAccuracy, metric_for
 from .training_utils import adamw_cosine, export
+from .turn_packing import isolated_turns
 
 
 class QAFinetuning(pl.LightningModule):
@@ -58,16 +61,32 @@ class QAFinetuning(pl.LightningModule):
     def inputs(self, images: list, texts: list[str]) -> dict:
         return self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
 
-    def conversation_text(self, turns: list[tuple[str, str]]) -> str:
-        """The chat text of a conversation: each answer followed by `</s>`, then the next turn."""
+    def encode(self, batch: dict, texts: list[str]) -> dict:
+        """Model inputs for the batch's images and one chat text each."""
+        return self.inputs(batch["image"], texts)
+
+    def conversation(self, turns: list[tuple[str, str]]) -> tuple[str, list[str]]:
+        """(prefix, turn texts) of a conversation: the prefix is the prompt up to and with the image;
+        each turn is the rest of that question's single-turn prompt, then its answer and `</s>`, so
+        that under `isolated_turns` every turn reads exactly like the prompt of an evaluation."""
+        image = self.processor.image_token + "\n"
         eos = self.processor.tokenizer.eos_token
-        text = ""
-        for i, (question, answer) in enumerate(turns):
-            prompt = self.prompts([question])[0]
-            if i > 0:  # the image comes with the first turn only
-                prompt = prompt.replace(self.processor.image_token + "\n", "")
-            text += f"{prompt} {answer}{eos}"
-        return text
+        texts = []
+        for question, answer in turns:
+            prefix, rest = self.prompts([question])[0].split(image, 1)
+            texts.append(f"{rest} {answer}{eos}")
+        return prefix + image, texts
+
+    def training_inputs(self, batch: dict) -> dict:
+        """Model inputs of a training batch: each conversation packed as prefix + turns, the turns
+        blind to each other (`lightning_modules.turn_packing`)."""
+        turns = batch.get("turns") or [[qa] for qa in zip(batch["question"], batch["answer"])]
+        prefixes, texts = zip(*(self.conversation(t) for t in turns))
+        inputs = self.encode(batch, [p + "".join(t) for p, t in zip(prefixes, texts)])
+        tokenizer = self.processor.tokenizer
+        lengths = [[len(ids) for ids in tokenizer(list(t), add_special_tokens=False)["input_ids"]] for t in texts]
+        mask, positions = isolated_turns(inputs["attention_mask"].cpu(), lengths)
+        return {**inputs, "attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
 
     def answer_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """True at the tokens the loss is on: each answer (the token after "assistant" ":") and its `</s>`."""
@@ -80,13 +99,12 @@ class QAFinetuning(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.llava.model.vision_tower.eval()  # frozen: no dropout, whatever mode Lightning set
-        turns = batch.get("turns") or [[qa] for qa in zip(batch["question"], batch["answer"])]
-        inputs = self.inputs(batch["image"], [self.conversation_text(t) for t in turns])
+        inputs = self.training_inputs(batch)
         ids = inputs["input_ids"]
         mask = self.answer_mask(ids)[:, 1:]  # position t predicts token t + 1
         targets = ids[:, 1:][mask]
         if (targets == self.processor.tokenizer.unk_token_id).any():
-            raise ValueError(f"an answer is not one known word: {turns}")
+            raise ValueError(f"an answer is not one known word: {batch.get('turns') or batch['answer']}")
         logits = self.llava(**inputs).logits[:, :-1][mask]
         loss = F.cross_entropy(logits, targets)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(ids))
@@ -96,7 +114,7 @@ class QAFinetuning(pl.LightningModule):
         self.metric.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        inputs = self.inputs(batch["image"], self.prompts(batch["question"]))
+        inputs = self.encode(batch, self.prompts(batch["question"]))
         next_token = self.llava(**inputs, logits_to_keep=1).logits[:, -1].argmax(-1)
         answers = self.processor.tokenizer.batch_decode(next_token[:, None], skip_special_tokens=True)
         self.metric.update(answers, batch)

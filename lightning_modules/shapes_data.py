@@ -21,29 +21,40 @@ from data.shapes import SPLIT_SIZES, make_sample
 from data.shapes_dialogue import conversation
 from data.shapes_scene import IMAGE_SIZE
 from data.shapes_targets import scene_targets
+from data.shapes_text import scene_words
 
 from .datamodule import BenchmarkDataModule, collate
 
 
 class ShapesDataset(Dataset):
     """Samples `indices` of one split: id, image (PIL), question, answer, task, and optionally the
-    scene's pre-training targets (`data.shapes_targets`) and, when `turns` > 1, a training
-    conversation of that many (question, answer) turns (`data.shapes_dialogue`)."""
+    scene's pre-training targets (`data.shapes_targets`), when `turns` > 1 a training conversation of
+    that many (question, answer) turns (`data.shapes_dialogue`), and with `scene_text` the scene in
+    words (`data.shapes_text`) instead of the image."""
 
     def __init__(
-        self, seed: int, split: str, indices: list[int], targets: bool = False, noise: bool = False, turns: int = 1
+        self,
+        seed: int,
+        split: str,
+        indices: list[int],
+        targets: bool = False,
+        noise: bool = False,
+        turns: int = 1,
+        scene_text: bool = False,
     ) -> None:
         self.seed, self.split, self.indices, self.targets, self.noise = seed, split, indices, targets, noise
-        self.turns = turns
+        self.turns, self.scene_text = turns, scene_text
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict:
         sample = make_sample(self.seed, self.split, self.indices[i])
-        image = noise_image(sample.pixel_seed) if self.noise else sample.image()
-        item = {"id": sample.id, "image": image, "question": sample.question,
-                "answer": sample.answer, "task": sample.task}  # fmt: skip
+        item = {"id": sample.id, "question": sample.question, "answer": sample.answer, "task": sample.task}
+        if self.scene_text:  # no image to draw: text steps are cheap
+            item["scene"] = scene_words(sample)
+        else:
+            item["image"] = noise_image(sample.pixel_seed) if self.noise else sample.image()
         if self.targets:
             item["targets"] = scene_targets(sample)
         if self.turns > 1:
@@ -78,6 +89,10 @@ class ShapesBenchmark(BenchmarkDataModule):
             scene (`data.shapes_dialogue`); 1 trains on the planned question alone.
         noise_images: replace every val/test image by uniform noise (the benchmark must then fall
             to chance: its questions need the image).
+        targets: give fit's batches the scenes' pre-training targets (`data.shapes_targets`), which
+            only the vision stage reads; drawing them costs as much as the image.
+        scene_text: give every sample its scene in words instead of the image (the decoder's text
+            pre-training, `lightning_modules.text_pretraining`).
         batch_size, num_workers, limit, shuffle_seed: see `BenchmarkDataModule`.
     """
 
@@ -89,6 +104,8 @@ class ShapesBenchmark(BenchmarkDataModule):
         train_size: int = SPLIT_SIZES["train"],
         fit_val_size: int = 300,
         noise_images: bool = False,
+        targets: bool = True,
+        scene_text: bool = False,
         turns: int = 1,
         batch_size: int = 16,
         num_workers: int = 0,
@@ -109,6 +126,7 @@ class ShapesBenchmark(BenchmarkDataModule):
         self.split, self.seed, self.train_size, self.fit_val_size = split, seed, train_size, fit_val_size
         self.size = SPLIT_SIZES[split] if size is None else size
         self.noise_images, self.turns = noise_images, turns
+        self.targets, self.scene_text = targets, scene_text
         self.training = False
 
     collate = staticmethod(collate_train)
@@ -129,11 +147,13 @@ class ShapesBenchmark(BenchmarkDataModule):
 
     def eval_dataset(self) -> Dataset:
         indices = [int(r.id.rsplit("-", 1)[1]) for r in self.records]
-        return ShapesDataset(self.seed, self.split, indices, targets=self.training, noise=self.noise_images)
+        return ShapesDataset(self.seed, self.split, indices, targets=self.training and self.targets,
+                             noise=self.noise_images, scene_text=self.scene_text)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            ShapesDataset(self.seed, "train", list(range(self.train_size)), targets=True, turns=self.turns),
+            ShapesDataset(self.seed, "train", list(range(self.train_size)), targets=self.targets, turns=self.turns,
+                          scene_text=self.scene_text),  # fmt: skip
             batch_size=self.batch_size,
             shuffle=True,
             num_workers=self.num_workers,

@@ -95,7 +95,7 @@ class VisionPretraining(pl.LightningModule):
         of "which shape / which character" was too faint to learn within the CPU budget."""
         if name == "patch_center":  # object centres are 1 patch in 100: weigh them up
             return F.cross_entropy(logits, target, torch.tensor([1.0, 10.0], device=logits.device))
-        if name in ("patch_shape", "patch_char"):
+        if name in ("patch_shape", "patch_char", "patch_code"):
             held = target > 0
             return F.cross_entropy(logits[held], target[held]) if held.any() else logits.sum() * 0
         return F.cross_entropy(logits, target)
@@ -120,7 +120,8 @@ class VisionPretraining(pl.LightningModule):
             self.log(f"val/{name}_accuracy", accuracy, prog_bar=name == "text", batch_size=n)
         for name in PATCH_HEADS:  # accuracy on the patches that hold something (class > 0)
             predicted, target = self.patch_heads[name](patches).argmax(-1), targets[name]
-            accuracy = (predicted == target)[target > 0].float().mean()
+            held = target > 0 if name not in ("patch_row", "patch_col") else torch.ones_like(target, dtype=torch.bool)
+            accuracy = (predicted == target)[held].float().mean()
             self.log(f"val/{name}_accuracy", accuracy, batch_size=n)
 
     def configure_optimizers(self) -> dict:

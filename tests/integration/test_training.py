@@ -65,9 +65,59 @@ def test_qa_finetuning_freezes_the_tower_and_trains_the_rest(stage1, tmp_path):
 
 def test_qa_loss_is_on_every_answer_and_its_end_token(stage1, tmp_path):
     module = QAFinetuning(model_name_or_path=stage1[0].hparams.output_dir, output_dir=str(tmp_path))
-    text = module.conversation_text([("what color is the star ?", "red"), ("is there a red star ?", "yes")])
-    assert text.count("<image>") == 1 and text.endswith("yes</s>")
+    prefix, turns = module.conversation([("what color is the star ?", "red"), ("is there a red star ?", "yes")])
+    assert prefix == "USER: <image>\n" and turns == ["what color is the star ? ASSISTANT: red</s>",
+                                                      "is there a red star ? ASSISTANT: yes</s>"]  # fmt: skip
     tokenizer = module.processor.tokenizer
-    ids = tokenizer([text], return_tensors="pt")["input_ids"]
+    ids = tokenizer([prefix + "".join(turns)], return_tensors="pt")["input_ids"]
     marked = tokenizer.convert_ids_to_tokens(ids[0][module.answer_mask(ids)[0]])
     assert marked == ["red", "</s>", "yes", "</s>"]
+
+
+def test_packed_turns_are_scored_as_their_single_turn_prompts(stage1, tmp_path):
+    """The logits at each turn's answer equal those of that question asked alone, as evaluation asks it."""
+    from data.shapes import make_sample
+
+    module = QAFinetuning(model_name_or_path=stage1[0].hparams.output_dir, output_dir=str(tmp_path)).eval()
+    picture = make_sample(0, "val", 0).image()
+    qas = [("what color is the star ?", "red"), ("is there a red star ?", "yes")]
+    qas.append(("how many stars are there ?", "one"))
+    inputs = module.training_inputs({"image": [picture], "turns": [qas]})
+    ids = inputs["input_ids"][0]
+    eos = module.processor.tokenizer.eos_token_id
+    answers = [i for i in module.answer_mask(ids[None])[0].nonzero().flatten().tolist() if ids[i] != eos]
+    assert len(answers) == len(qas)
+    with torch.no_grad():
+        packed = module.llava(**inputs).logits[0]
+        for (question, _), at in zip(qas, answers):
+            alone = module.llava(**module.inputs([picture], module.prompts([question]))).logits[0, -1]
+            assert torch.allclose(packed[at - 1], alone, atol=1e-4), question
+
+
+def test_text_pretraining_trains_the_decoder_on_scene_words_only(stage1, tmp_path):
+    from lightning_modules.text_pretraining import TextPretraining
+
+    vision_dir = stage1[0].hparams.output_dir
+    module = TextPretraining(model_name_or_path=vision_dir, output_dir=str(tmp_path), warmup_steps=1)
+    params = module.llava.named_parameters()
+    frozen = {n: p.clone() for n, p in params if "language_model" not in n and "lm_head" not in n}
+    decoder = module.llava.lm_head.weight.clone()
+    data = ShapesBenchmark(train_size=4, batch_size=2, fit_val_size=2, turns=3, targets=False, scene_text=True)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert "image" not in batch and all(s.endswith(" .") for s in batch["scene"])
+    inputs = module.training_inputs(batch)
+    words = module.processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][-1])
+    start = words.index("user") + 2  # "user", ":", then the scene where the image tokens would be
+    assert "<image>" not in words and words[start : start + 2] == batch["scene"][-1].split()[:2]
+    trainer(2).fit(module, datamodule=data)
+    assert all(torch.equal(p, frozen[n]) for n, p in module.llava.named_parameters() if n in frozen)
+    assert not torch.equal(module.llava.lm_head.weight, decoder)
+
+
+def test_text_pretraining_needs_scene_text(stage1, tmp_path):
+    from lightning_modules.text_pretraining import TextPretraining
+
+    module = TextPretraining(model_name_or_path=stage1[0].hparams.output_dir, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="scene_text"):
+        module.encode({"image": [None]}, ["USER: <image>\nwhat ? ASSISTANT:"])

@@ -100,3 +100,12 @@ def test_patch_targets_name_what_covers_each_patch():
         else:
             assert {ALPHABET[c - 1] for c in chars.tolist()} <= set(sample.text.text)
             assert len(chars) >= len(sample.text.text)  # every character names at least one patch
+        # Every patch of the label (and of its characters) names the whole code; no other patch does.
+        code = t["patch_code"]
+        if sample.text is None:
+            assert (code == 0).all()
+        else:
+            assert set(code[code > 0].tolist()) == {TEXTS.index(sample.text.text) + 1}
+            assert ((t["patch_char"] > 0) <= (code > 0)).all()
+        assert t["patch_row"].tolist() == [i // 24 for i in range(576)]
+        assert t["patch_col"].tolist() == [i % 24 for i in range(576)]
