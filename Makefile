@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo sweep test test-slow bench bench-next lint format clean
+.PHONY: help venv demo sweep test test-slow bench bench-next publish check-gpu lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,12 @@ bench: $(STAMP) ## Prefill speed/memory of pruners vs none on a LLaVA-1.5-shaped
 
 bench-next: $(STAMP) ## The same on a LLaVA-NeXT-shaped model (2,880 visual tokens; ARGS= e.g. --layers 3)
 	$(BIN)/python scripts/bench_speed.py --family llava-next $(ARGS)
+
+publish: $(STAMP) ## Learned-pruner run -> checkpoints/<name>/ (ARGS="RUN_FOLDER NAME [--push REPO_ID]")
+	$(BIN)/python scripts/publish_checkpoint.py $(ARGS)
+
+check-gpu: $(STAMP) ## A few fit steps with the DDP and DeepSpeed presets where CUDA is present (else says so)
+	$(BIN)/python scripts/check_gpu.py $(ARGS)
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .

@@ -11,6 +11,8 @@ earlier ones; YAML files may use OmegaConf interpolation.
     vtprune fit -c configs/experiment/train_tiny_llava_vision.yaml   # VisionPretraining
     vtprune fit -c configs/experiment/train_tiny_llava_text.yaml     # TextPretraining
     vtprune fit -c configs/experiment/train_tiny_llava.yaml          # QAFinetuning
+    vtprune fit -c configs/experiment/train_dyvte.yaml               # DyVTETraining (DyVTE's exit routers)
+    vtprune fit -c configs/experiment/train_gate.yaml                # LearnedPrunerTraining (the learned gate)
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from . import pruner_names
 
 # Imported so that configs can name these classes without their module path.
 from .datamodule import BenchmarkDataModule, JsonlBenchmark  # noqa: F401
+from .dyvte_training import DyVTETraining  # noqa: F401
+from .learned_training import LearnedPrunerTraining  # noqa: F401
 from .module import PrunedMLLM
 from .qa_finetuning import QAFinetuning  # noqa: F401
 from .shapes_data import ShapesBenchmark  # noqa: F401

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -37,3 +38,15 @@ def export(model, processor, folder: str | Path) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
     return folder
+
+
+class StopAfter(pl.Callback):
+    """Ends fit after `steps` optimizer steps, as an interruption would (the schedule keeps its length):
+    how the resume checks (tests, `make check-gpu`) interrupt a run."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True

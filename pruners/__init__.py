@@ -10,7 +10,7 @@ them to Hugging Face MLLMs. Imports torch and transformers, never Lightning.
     pruners.support_matrix()   # which pruner runs on which model family
 """
 
-from . import methods  # noqa: F401  (registers the built-in pruners)
+from . import learned, methods  # noqa: F401  (registers the built-in and the learned pruners)
 from .base import ModelInfo, Pruner, Stage, TokenState
 from .registry import available, build, register
 from .runtime import attach, support_matrix

@@ -42,6 +42,8 @@ SIGNALS = {
     "its vision stages get each view's share of the budget, TokenState.quota)",
     "llm_layers": "LLM_LAYER hooks during prefill, with attention probes, keys and input embeddings",
     "decode": "DECODE hooks on the per-layer KV cache",
+    "question": "the prompt's text at VISION_OUTPUT: the LLM input embeddings of each sample's non-image tokens "
+    "(extras['text_embeds'] (B, L, D), extras['text_valid'] (B, L), extras['text_row'] (rows,): each row's sample)",
 }
 ALL_SIGNALS = frozenset(SIGNALS)
 # Signals a stage implies: a pruner acting at a stage needs its family to offer that stage's hooks.
@@ -203,6 +205,7 @@ class ModelInfo:
     llm_layers: int  # number of decoder layers
     has_cls: bool  # the vision encoder has a CLS token
     provides: frozenset[str] = ALL_SIGNALS  # signals the family offers (`SIGNALS`); default: all, as LLaVA-1.5
+    llm_width: int | None = None  # hidden size of the LLM decoder (learned pruners size their layers from it)
 
 
 class Pruner(nn.Module):
@@ -227,6 +230,8 @@ class Pruner(nn.Module):
             variant's signals needs instead (VisionZip's CLS-free variant); None: no such variant.
             `setup` picks the variant from `ModelInfo.provides`.
         fallback_label: the variant's name in messages and the support matrix.
+        adaptive: the pruner decides each sample's visual-token count itself (DyVTE's learned exit layer), so it
+            takes no `budget` (None only); sweeps and budget checks leave it out.
     Instance attributes set in `__init__` or `setup`:
         budget: visual tokens per image that reach the LLM's last layer (None: method default).
         vision_layers: vision layers after which `vision_layer` runs.
@@ -243,6 +248,7 @@ class Pruner(nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset()
     fallback_needs: ClassVar[frozenset[str] | None] = None
     fallback_label: ClassVar[str] = "variant"
+    adaptive: ClassVar[bool] = False
 
     @classmethod
     def requirements(cls) -> frozenset[str]:
@@ -294,6 +300,12 @@ class Pruner(nn.Module):
         bad = [i for i in layers if not 0 <= i < count]
         if bad:
             raise ValueError(f"{self.name}: {what} {bad} out of range: allowed 0..{count - 1}")
+
+    def on_attach(self, model: nn.Module) -> Callable[[], None] | None:
+        """Called by `attach` with the model before the runtime wires it; returns what undoes its changes
+        on detach (None: nothing to undo). Training-free pruners need nothing; a learned pruner checks the
+        model is the one it was trained for and adds its LoRA adapter (`pruners.learned.LearnedPruner`)."""
+        return None
 
     def vision_layer(self, state: TokenState) -> TokenState:
         raise NotImplementedError

@@ -38,6 +38,7 @@ from transformers import (
 )
 
 import pruners
+from pruners import registry
 from pruners.runtime import runnable
 from pruners.runtime.llava_next import image_layout
 
@@ -200,7 +201,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--family", default="llava", choices=sorted(FAMILIES),
                    help="llava: LLaVA-1.5 (576 visual tokens); llava-next: LLaVA-NeXT (2,880 = base + 2 x 2 crops)")
     p.add_argument("--pruners", nargs="+", default=None,
-                   help="default: every registered pruner that runs on the family")
+                   help="default: every registered pruner with a budget that runs on the family")
     p.add_argument("--budgets", nargs="+", type=int, default=None,
                    help="visual tokens per image; default 64 128 192 (llava), 160 320 640 (llava-next)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
@@ -215,8 +216,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if args.pruners is None:
-        args.pruners = [n for n in runnable(FAMILIES[args.family]) if n != "none"]
+    if args.pruners is None:  # adaptive pruners (DyVTE) take no budget to sweep
+        args.pruners = [n for n in runnable(FAMILIES[args.family]) if n != "none" and not registry.get(n).adaptive]
     if args.budgets is None:
         args.budgets = [160, 320, 640] if args.family == "llava-next" else [64, 128, 192]
     return args

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -12,6 +14,10 @@ from pruners.base import ModelInfo, Stage, TokenState
 # The tests' models are tiny: thread hand-offs cost more than the matmuls (one measured 24 ms on 2
 # threads on a busy machine, 0.3 ms on one), so the suite runs single-threaded.
 torch.set_num_threads(1)
+# Without CUDA, DeepSpeed (imported when a test builds a DeepSpeed strategy) prints an accelerator-detection
+# warning to stdout, into whatever a test is capturing (a --print_config); naming the CPU keeps it quiet.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 IMAGE_TOKEN = 3
 PAD = 0
@@ -114,3 +120,19 @@ def slice_inputs(inputs: dict, i: int, images_per_sample: int = 1) -> dict:
 @pytest.fixture(scope="session")
 def tiny_llava():
     return make_llava()
+
+
+def write_shapes_model(folder, seed: int = 0):
+    """A narrow random LLaVA with the shapes benchmark's vocabulary (576 visual tokens), saved with its
+    processor into `folder`. Its LM head gives special tokens a zero logit, so greedy answers are words
+    (comparable answers, not empty strings)."""
+    from data.shapes_llava import build_shapes_llava, shapes_processor
+
+    processor = shapes_processor()
+    model = build_shapes_llava(processor, seed=seed, vision_layers=2, vision_width=32, vision_mlp=64, llm_width=64,
+                               llm_mlp=96, llm_kv_heads=2)  # fmt: skip
+    with torch.no_grad():
+        model.lm_head.weight[processor.tokenizer.all_special_ids] = 0.0
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -76,7 +76,8 @@ def attach(model, pruner: Pruner):
 
     The model's own call (`model.generate(...)`, `model(...)`) is used unchanged. On exit the
     model is restored exactly. Raises ValueError for an unsupported model family, a pruner that
-    needs a signal the family does not provide, or one whose budget or layers do not fit the model.
+    needs a signal the family does not provide, one whose budget or layers do not fit the model, or a
+    learned pruner's checkpoint made for another model (`Pruner.on_attach`).
     """
     if not isinstance(pruner, Pruner):
         raise ValueError(f"attach expects a pruners.Pruner, got {type(pruner).__name__}; build one with pruners.build")
@@ -85,9 +86,14 @@ def attach(model, pruner: Pruner):
     if name not in runtimes:
         raise ValueError(f"model family {name} is not supported; supported: {', '.join(supported_families())}")
     check_support(pruner, name)
-    runtime = runtimes[name](model, pruner)
-    report: EfficiencyReport = runtime.__enter__()
+    undo = pruner.on_attach(model)  # a learned pruner checks the model and adds its adapter first
     try:
-        yield report
+        runtime = runtimes[name](model, pruner)
+        report: EfficiencyReport = runtime.__enter__()
+        try:
+            yield report
+        finally:
+            runtime.__exit__(None, None, None)
     finally:
-        runtime.__exit__(None, None, None)
+        if undo is not None:
+            undo()

@@ -10,6 +10,10 @@ padding) -> decoder loop (LLM_LAYER hooks) -> outputs are scattered back to the 
 so `logits` line up with `input_ids` as usual (positions of dropped tokens hold zeros).
 Decode: each layer attends to its own cache with its own mask; DECODE hooks may cut caches.
 
+VISION_OUTPUT extras: "vision_hidden" and "vision_attention" (the features before the projector and the
+attention among them), "projector", and the prompt's text (signal "question": "text_embeds" (B, L, D) LLM input
+embeddings, "text_valid" (B, L) its non-image, non-padding tokens, "text_row" (rows,) each row's sample).
+
 Position ids: kept tokens keep their original ids (those `generate` passes, or HF's default
 0..L-1). A merged image token takes the id of the image slot it stands for (`positions`).
 """
@@ -58,7 +62,7 @@ def model_info(model) -> ModelInfo:
     extra = 1 if cfg.vision_feature_select_strategy == "full" else 0
     return ModelInfo(family="llava", visual_tokens=side * side + extra, grid=(side, side),
                      vision_layers=vcfg.num_hidden_layers, vision_feature_layer=feature,
-                     llm_layers=tcfg.num_hidden_layers, has_cls=True)
+                     llm_layers=tcfg.num_hidden_layers, has_cls=True, llm_width=tcfg.hidden_size)
 
 
 class LlavaRuntime:
@@ -85,6 +89,7 @@ class LlavaRuntime:
                         proj.linear_1.in_features, proj.linear_1.out_features),
         )
         self._gen: dict | None = None  # bookkeeping of the generation in progress
+        self._question: dict | None = None  # the prompt's text for VISION_OUTPUT hooks (signal "question")
 
     @staticmethod
     def _model_info(model) -> ModelInfo:
@@ -183,10 +188,14 @@ class LlavaRuntime:
         if n_img_tokens != pixel_values.shape[0] * visual:
             raise ValueError(f"input_ids hold {n_img_tokens} image tokens for {pixel_values.shape[0]} image(s); "
                              f"this model expects {visual} per image")
-        state, vision_counts = self._encode(pixel_values.to(self.core.vision_tower.dtype))
-        proj_tokens = state.valid.sum(-1)
         slots = image_mask.flatten().nonzero()[:, 0].view(-1, visual)  # (images, visual) flat (b * L + l)
         sample = slots[:, 0] // image_mask.shape[1]
+        self._question = {"text_embeds": embeds, "text_valid": valid & ~image_mask, "text_row": sample}
+        try:
+            state, vision_counts = self._encode(pixel_values.to(self.core.vision_tower.dtype))
+        finally:
+            self._question = None
+        proj_tokens = state.valid.sum(-1)
         kept = state.valid
         slot_of = (state.positions + int(self.full_strategy)).clamp(min=0)  # image slot each token stands for
         target = torch.gather(slots, 1, slot_of)[kept]
@@ -231,6 +240,7 @@ class LlavaRuntime:
                 state.extras["vision_attention"] = _LazyVisionProbe(layer, features)
             # Methods that merge CLIP features (PruMerge) project their result themselves.
             state.extras["projector"] = self.core.multi_modal_projector
+            state.extras.update(self._question or {})  # the prompt's text (signal "question"; LLaVA-1.5 only)
             state = self.clock.run(self.pruner.vision_output, state)
         return state
 

@@ -37,9 +37,9 @@ first); an image with fewer visual tokens than the budget keeps them all. 640 on
 per sample, chosen over all views jointly, as on LLaVA-1.5.
 
 What this family provides (`provides`, pruners.base.SIGNALS): everything LLaVA-1.5 does except "grid" (a view
-of an unpadded image is not a full grid of visual tokens) and "single_view" (per-row schedules fixed at
-setup would count views, not images). Only the 'default' feature strategy (CLS dropped) is supported, as
-HF's own LLaVA-NeXT packing requires.
+of an unpadded image is not a full grid of visual tokens), "single_view" (per-row schedules fixed at setup
+would count views, not images) and "question" (the prompt's text at VISION_OUTPUT). Only the 'default' feature
+strategy (CLS dropped) is supported, as HF's own LLaVA-NeXT packing requires.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def model_info(model) -> ModelInfo:
         llm_layers=tcfg.num_hidden_layers,
         has_cls=True,
         provides=LlavaNextRuntime.provides,
+        llm_width=tcfg.hidden_size,
     )
 
 
@@ -137,8 +138,9 @@ def view_quotas(budget: int, counts: Tensor) -> Tensor:
 
 
 class LlavaNextRuntime(LlavaRuntime):
-    # Not "grid" (unpadded views are not full grids), not "single_view" (rows are views): pruners.base.SIGNALS.
-    provides = ALL_SIGNALS - {"grid", "single_view"}
+    # Not "grid" (unpadded views are not full grids), not "single_view" (rows are views), not "question" (the
+    # prompt's text is not handed to the views' VISION_OUTPUT hook): pruners.base.SIGNALS.
+    provides = ALL_SIGNALS - {"grid", "single_view", "question"}
 
     def __init__(self, model, pruner) -> None:
         super().__init__(model, pruner)

@@ -213,6 +213,7 @@ class QwenVLRuntime(LlavaRuntime):
             llm_layers=self.core.language_model.config.num_hidden_layers,
             has_cls=False,
             provides=self.provides,
+            llm_width=self.core.language_model.config.hidden_size,
         )
 
     def _setup(self, info: ModelInfo) -> None:

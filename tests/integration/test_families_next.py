@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_oracles import KEEP_ALL
+from test_oracles import KEEP_ALL, NO_BUDGET
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 import pruners
@@ -101,6 +101,8 @@ def alone(inputs: dict, i: int) -> dict:
 
 
 def build(name: str, budget: int | None = BUDGET, **kw) -> pruners.Pruner:
+    if name in NO_BUDGET:  # adaptive: no budget to give (test_oracles.NO_BUDGET)
+        return pruners.build(name, **kw)
     return pruners.build(name) if name == "none" else pruners.build(name, budget=budget, **kw)
 
 
@@ -193,7 +195,7 @@ def test_batched_equals_one_by_one_and_model_restored(tiny_next, mixed, name):
     assert all(torch.equal(before[k], v) for k, v in tiny_next.state_dict().items())
 
 
-@pytest.mark.parametrize("name", [n for n in SUPPORTED if n != "none"])
+@pytest.mark.parametrize("name", [n for n in SUPPORTED if n != "none" and n not in NO_BUDGET])
 @pytest.mark.parametrize("sizes", [MIXED, FULL], ids=["mixed", "full"])
 def test_budget_is_met_for_the_whole_image(tiny_next, name, sizes):
     """`budget` visual tokens of each whole image (base + crops, newlines excluded) reach the last LLM layer;
