@@ -155,6 +155,11 @@ def attention_rows(
             rows = torch.gather(mask, 1, query_index[..., None].expand(-1, -1, mask.shape[-1]))
             scores = scores.masked_fill(~rows[:, None], float("-inf"))
         scores = scores.softmax(-1)
+    return reduce_heads(scores, heads)
+
+
+def reduce_heads(scores: Tensor, heads: str) -> Tensor:
+    """(B, H, ...) per-head attention reduced over heads: "mean", "max", or "none" (kept)."""
     if heads == "mean":
         return scores.mean(1)
     if heads == "max":

@@ -142,9 +142,7 @@ class LlavaRuntime:
             image_mask = input_ids == self.image_token_id
             seq, vision_counts, proj_tokens = self._sequence(embeds, valid, positions, image_mask, pixel_values)
             hidden, final, slots, counts = self.decoder.prefill(seq, cache, self.info.grid)
-            out = hidden.new_zeros(bsz, length, hidden.shape[-1])
-            src = final.origin.clamp(min=0)[..., None].expand_as(hidden)
-            out = out.scatter(1, src, hidden * final.valid[..., None])
+            out = self._to_input_slots(hidden, final, length)
         self._gen = {"cache": cache, "slots": slots, "length": length, "step": 0,
                      "shift": valid.sum(-1) - final.valid.sum(-1) if self.pruner.renumber_positions else None}
         records = self._records(vision_counts, proj_tokens, counts, image_mask)
@@ -153,10 +151,22 @@ class LlavaRuntime:
             self.report.update_kv(self._kv_bytes(cache, slots), prefill=True)
         return LlavaModelOutputWithPast(last_hidden_state=out, past_key_values=cache)
 
-    def _decode(self, input_ids, position_ids, cache) -> LlavaModelOutputWithPast:
-        gen = self._gen
-        if gen is None or gen["cache"] is not cache:
+    @staticmethod
+    def _to_input_slots(hidden: Tensor, final: Sequence, length: int) -> Tensor:
+        """The decoder's outputs scattered back to the input's `length` slots (dropped slots hold zeros),
+        so logits line up with `input_ids` as usual."""
+        out = hidden.new_zeros(hidden.shape[0], length, hidden.shape[-1])
+        src = final.origin.clamp(min=0)[..., None].expand_as(hidden)
+        return out.scatter(1, src, hidden * final.valid[..., None])
+
+    def _generation(self, cache) -> dict:
+        """The bookkeeping of the generation whose prefill filled `cache`."""
+        if self._gen is None or self._gen["cache"] is not cache:
             raise ValueError("this KV cache was not filled by the attached model; run the prefill inside attach")
+        return self._gen
+
+    def _decode(self, input_ids, position_ids, cache) -> LlavaModelOutputWithPast:
+        gen = self._generation(cache)
         device = input_ids.device
         bsz, q = input_ids.shape
         with Timer(device) as timer:

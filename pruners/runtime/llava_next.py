@@ -44,6 +44,7 @@ strategy (CLS dropped) is supported, as HF's own LLaVA-NeXT packing requires.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -60,31 +61,22 @@ from ..ops import compact_index
 from ..report import SampleRecord
 from .decoder import Sequence
 from .llava import LlavaRuntime
+from .llava import model_info as llava_model_info
 
 
 def model_info(model) -> ModelInfo:
+    """LLaVA-1.5's description of the tower and decoder, with the whole image's views counted."""
     cfg = model.config
-    vcfg, tcfg = cfg.vision_config, cfg.text_config
-    side = vcfg.image_size // vcfg.patch_size
-    if not isinstance(cfg.vision_feature_layer, int):
-        raise ValueError(f"vision_feature_layer={cfg.vision_feature_layer!r}: only a single int layer is supported")
+    vcfg = cfg.vision_config
     if cfg.vision_feature_select_strategy != "default":
         raise ValueError(
             f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: LLaVA-NeXT "
             "packs crops without CLS; allowed 'default'"
         )
+    base = llava_model_info(model)
     crops = max((h // vcfg.image_size) * (w // vcfg.image_size) for h, w in cfg.image_grid_pinpoints)
-    return ModelInfo(
-        family="llava-next",
-        visual_tokens=side * side * (1 + crops),
-        grid=(side, side),
-        vision_layers=vcfg.num_hidden_layers,
-        vision_feature_layer=cfg.vision_feature_layer % (vcfg.num_hidden_layers + 1),
-        llm_layers=tcfg.num_hidden_layers,
-        has_cls=True,
-        provides=LlavaNextRuntime.provides,
-        llm_width=tcfg.hidden_size,
-    )
+    return dataclasses.replace(base, family="llava-next", visual_tokens=base.visual_tokens * (1 + crops),
+                               provides=LlavaNextRuntime.provides)  # fmt: skip
 
 
 @dataclass

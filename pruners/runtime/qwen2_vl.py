@@ -51,7 +51,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from ..base import ModelInfo, Pruner, Stage, TokenState
 from ..flops import DecoderShape
-from ..ops import attention_rows
+from ..ops import attention_rows, reduce_heads
 from ..report import EfficiencyReport, Stopwatch, Timer, VisionShape
 from .capture import ProjectionCapture
 from .decoder import DecodeCache, DecoderRunner, Sequence
@@ -97,13 +97,7 @@ class MergedVisionProbe:
         attn = attention_rows(self.query, self.key, rows, self.scale, self.mask, heads="none", logits=logits)
         attn = attn.view(images, n_heads, query_index.shape[1], unit, tokens, unit).mean(3)
         attn = attn.mean(-1) if logits else attn.sum(-1)  # (I, H, R, tokens)
-        if heads == "mean":
-            return attn.mean(1)
-        if heads == "max":
-            return attn.amax(1)
-        if heads == "none":
-            return attn
-        raise ValueError(f"heads must be 'mean', 'max' or 'none', got {heads!r}")
+        return reduce_heads(attn, heads)
 
     def keys(self) -> Tensor:
         """(I, H, merged tokens, hd): each merged token's key, the mean of its patches' (post-rotary) keys."""
@@ -308,9 +302,7 @@ class QwenVLRuntime(LlavaRuntime):
             decoder = self.decoder if pruned else self._decoder(_UNPRUNED)
             decoder.rope = rope.to(device).expand(3, bsz, length)
             hidden, final, slots, counts = decoder.prefill(seq, cache, self.info.grid if pruned else None)
-            out = hidden.new_zeros(bsz, length, hidden.shape[-1])
-            src = final.origin.clamp(min=0)[..., None].expand_as(hidden)
-            out = out.scatter(1, src, hidden * final.valid[..., None])
+            out = self._to_input_slots(hidden, final, length)
         self._gen = {"cache": cache, "slots": slots, "length": length, "step": 0, "decoder": decoder, "pruned": pruned}
         records = self._records([c[:2] for c in vision_counts], proj_tokens, counts, image_mask)
         for b, rec in enumerate(records):  # each image, or window, attends on its own
@@ -321,9 +313,7 @@ class QwenVLRuntime(LlavaRuntime):
         return BaseModelOutputWithPast(last_hidden_state=out, past_key_values=cache)
 
     def _decode(self, input_ids, position_ids, cache) -> BaseModelOutputWithPast:
-        gen = self._gen
-        if gen is None or gen["cache"] is not cache:
-            raise ValueError("this KV cache was not filled by the attached model; run the prefill inside attach")
+        gen = self._generation(cache)
         device = input_ids.device
         bsz, q = input_ids.shape
         with Timer(device) as timer:
