@@ -9,7 +9,8 @@ earlier ones; YAML files may use OmegaConf interpolation.
 `vtprune fit` trains any LightningModule, named by `model.class_path` in its config:
 
     vtprune fit -c configs/experiment/train_tiny_llava_vision.yaml   # VisionPretraining
-    vtprune fit -c configs/experiment/train_tiny_llava_text.yaml     # TextPretraining
+    vtprune fit -c configs/experiment/train_tiny_llava_grounded.yaml # GroundedPretraining
+    vtprune fit -c configs/experiment/train_tiny_llava_align.yaml    # ProjectorAlignment
     vtprune fit -c configs/experiment/train_tiny_llava.yaml          # QAFinetuning
     vtprune fit -c configs/experiment/train_dyvte.yaml               # DyVTETraining (DyVTE's exit routers)
     vtprune fit -c configs/experiment/train_gate.yaml                # LearnedPrunerTraining (the learned gate)
@@ -26,8 +27,10 @@ from . import pruner_names
 # Imported so that configs can name these classes without their module path.
 from .datamodule import BenchmarkDataModule, JsonlBenchmark  # noqa: F401
 from .dyvte_training import DyVTETraining  # noqa: F401
+from .grounded_pretraining import GroundedPretraining  # noqa: F401
 from .learned_training import LearnedPrunerTraining  # noqa: F401
 from .module import PrunedMLLM
+from .projector_alignment import ProjectorAlignment  # noqa: F401
 from .qa_finetuning import QAFinetuning  # noqa: F401
 from .shapes_data import ShapesBenchmark  # noqa: F401
 from .text_pretraining import TextPretraining  # noqa: F401

@@ -47,9 +47,13 @@ class QAFinetuning(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.llava, self.processor = load_model_and_processor(model_name_or_path)
+        self.llava, self.processor = self.load_model(model_name_or_path)
         self.llava.train().model.vision_tower.requires_grad_(False)
         self.metric = VQAAccuracy()
+
+    def load_model(self, path: str | None) -> tuple:
+        """(LLaVA, processor) this stage starts from: the folder the previous stage wrote."""
+        return load_model_and_processor(path)
 
     def setup(self, stage: str) -> None:
         self.metric = metric_for(self.trainer.datamodule)

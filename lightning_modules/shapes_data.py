@@ -30,7 +30,7 @@ class ShapesDataset(Dataset):
     """Samples `indices` of one split: id, image (PIL), question, answer, task, and optionally the
     scene's pre-training targets (`data.shapes_targets`), when `turns` > 1 a training conversation of
     that many (question, answer) turns (`data.shapes_dialogue`), and with `scene_text` the scene in
-    words (`data.shapes_text`) instead of the image."""
+    words (`data.shapes_text`) instead of the image; without `images` no image is drawn."""
 
     def __init__(
         self,
@@ -41,9 +41,10 @@ class ShapesDataset(Dataset):
         noise: bool = False,
         turns: int = 1,
         scene_text: bool = False,
+        images: bool = True,
     ) -> None:
         self.seed, self.split, self.indices, self.targets, self.noise = seed, split, indices, targets, noise
-        self.turns, self.scene_text = turns, scene_text
+        self.turns, self.scene_text, self.images = turns, scene_text, images
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -53,7 +54,7 @@ class ShapesDataset(Dataset):
         item = {"id": sample.id, "question": sample.question, "answer": sample.answer, "task": sample.task}
         if self.scene_text:  # no image to draw: text steps are cheap
             item["scene"] = scene_words(sample)
-        else:
+        elif self.images:
             item["image"] = noise_image(sample.pixel_seed) if self.noise else sample.image()
         if self.targets:
             item["targets"] = scene_targets(sample)
@@ -93,6 +94,8 @@ class ShapesBenchmark(BenchmarkDataModule):
             only the vision stage reads; drawing them costs as much as the image.
         scene_text: give every sample its scene in words instead of the image (the decoder's text
             pre-training, `lightning_modules.text_pretraining`).
+        images: draw the images; the grounded stage (`lightning_modules.grounded_pretraining`) reads
+            only the targets.
         batch_size, num_workers, limit, shuffle_seed: see `BenchmarkDataModule`.
     """
 
@@ -106,6 +109,7 @@ class ShapesBenchmark(BenchmarkDataModule):
         noise_images: bool = False,
         targets: bool = True,
         scene_text: bool = False,
+        images: bool = True,
         turns: int = 1,
         batch_size: int = 16,
         num_workers: int = 0,
@@ -126,7 +130,7 @@ class ShapesBenchmark(BenchmarkDataModule):
         self.split, self.seed, self.train_size, self.fit_val_size = split, seed, train_size, fit_val_size
         self.size = SPLIT_SIZES[split] if size is None else size
         self.noise_images, self.turns = noise_images, turns
-        self.targets, self.scene_text = targets, scene_text
+        self.targets, self.scene_text, self.images = targets, scene_text, images
         self.training = False
 
     collate = staticmethod(collate_train)
@@ -148,12 +152,12 @@ class ShapesBenchmark(BenchmarkDataModule):
     def eval_dataset(self) -> Dataset:
         indices = [int(r.id.rsplit("-", 1)[1]) for r in self.records]
         return ShapesDataset(self.seed, self.split, indices, targets=self.training and self.targets,
-                             noise=self.noise_images, scene_text=self.scene_text)  # fmt: skip
+                             noise=self.noise_images, scene_text=self.scene_text, images=self.images)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             ShapesDataset(self.seed, "train", list(range(self.train_size)), targets=self.targets, turns=self.turns,
-                          scene_text=self.scene_text),  # fmt: skip
+                          scene_text=self.scene_text, images=self.images),  # fmt: skip
             batch_size=self.batch_size,
             shuffle=True,
             num_workers=self.num_workers,

@@ -42,3 +42,25 @@ def isolated_turns(attention_mask: Tensor, turn_lengths: list[list[int]]) -> tup
     mask = causal & same & valid[:, None, :]
     mask |= torch.eye(length, dtype=torch.bool) & ~valid[:, :, None]
     return mask[:, None], positions
+
+
+def drop_tokens(keep: Tensor, mask: Tensor, positions: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
+    """The sequences with only the tokens where `keep` (B, L) holds, left-padded to the longest: the
+    4-D mask (B, 1, L', L') and positions of `isolated_turns` and any (B, L, ...) `rows`, gathered.
+
+    Kept tokens keep their position ids, so a shortened sequence reads like a pruned one; padding
+    attends to itself only, as in `isolated_turns`."""
+    counts = keep.sum(1)
+    bsz, length = keep.shape[0], int(counts.max())
+    valid = torch.arange(length) >= length - counts[:, None]
+    index = torch.zeros(bsz, length, dtype=torch.long)
+    for b in range(bsz):
+        index[b, length - int(counts[b]) :] = keep[b].nonzero().flatten()
+    index = index.to(keep.device)
+    valid = valid.to(keep.device)
+    square = mask[:, 0].gather(1, index[:, :, None].expand(-1, -1, mask.shape[-1]))
+    square = square.gather(2, index[:, None, :].expand(-1, length, -1))
+    square = square & valid[:, None, :] & valid[:, :, None]
+    square |= torch.eye(length, dtype=torch.bool, device=keep.device) & ~valid[:, :, None]
+    gathered = [r.gather(1, index.view(bsz, length, *[1] * (r.dim() - 2)).expand(-1, -1, *r.shape[2:])) for r in rows]
+    return (square[:, None], positions.gather(1, index), *gathered)

@@ -1,6 +1,6 @@
 """Score the trained tiny LLaVA with `vtprune validate` and write its model card.
 
-    python scripts/model_card.py    # after both stages (configs/experiment/train_tiny_llava*.yaml)
+    python scripts/model_card.py    # after the four stages (configs/experiment/train_tiny_llava*.yaml)
 
 Three runs on the full test split (3,000 questions), each skipped when its results.json exists:
 unpruned, unpruned with every image replaced by noise, and `random` at 64 tokens. The card
@@ -25,7 +25,12 @@ RUNS = {
     "noise": ["--data.init_args.noise_images=true"],
     "random-64": ["--model.pruner=random", "--model.pruner.budget=64"],
 }
-STAGES = {"vision": "train_tiny_llava_vision.yaml", "qa": "train_tiny_llava.yaml"}
+STAGES = {
+    "vision": "train_tiny_llava_vision.yaml",
+    "grounded": "train_tiny_llava_grounded.yaml",
+    "align": "train_tiny_llava_align.yaml",
+    "qa": "train_tiny_llava.yaml",
+}
 
 
 def score(name: str, out: Path) -> dict:
@@ -91,18 +96,31 @@ processor = AutoProcessor.from_pretrained("checkpoints/tiny-llava-shapes")
 ## Training (reproduce from the repository root)
 
 ```bash
-vtprune fit -c configs/experiment/train_tiny_llava_vision.yaml   # stage 1
-vtprune fit -c configs/experiment/train_tiny_llava.yaml          # stage 2, writes this folder
-python scripts/model_card.py                                     # scores it and writes this card
+vtprune fit -c configs/experiment/train_tiny_llava_vision.yaml     # stage 1: the tower
+vtprune fit -c configs/experiment/train_tiny_llava_grounded.yaml   # stage 2a: the decoder (independent of 1)
+vtprune fit -c configs/experiment/train_tiny_llava_align.yaml      # stage 2b: the projector
+vtprune fit -c configs/experiment/train_tiny_llava.yaml            # stage 2c: writes this folder
+python scripts/model_card.py                                       # scores it and writes this card
 ```
 
 1. Vision tower alone ({stages['vision']['steps']} steps of 32 scenes, {stages['vision']['minutes']:.0f} min): heads on
    the CLS output predict what the scene holds (which colour-shape pairs, how many of each colour and
    shape, where each is on a 4x4 grid, which code a label carries), so CLS attention carries meaning
-   as in CLIP (`lightning_modules/vision_pretraining.py`).
-2. Tower frozen; projector and decoder learn the questions in the chat format, loss on the answer
-   and `</s>` ({stages['qa']['steps']} steps of 32, {stages['qa']['minutes']:.0f} min;
-   `lightning_modules/qa_finetuning.py`).
+   as in CLIP; dense heads on the layer -2 patch tokens say what covers each patch
+   (`lightning_modules/vision_pretraining.py`).
+2. The tower frozen, as LLaVA:
+   a. Decoder alone ({stages['grounded']['steps']} steps of 32 conversations,
+      {stages['grounded']['minutes']:.0f} min), on the questions with each image token replaced by its
+      grounded token, the sum of the embeddings of the words that describe the patch (colour + shape,
+      label code, "." at an object's centre, "," for background, plus its position as a mix of
+      left/right/above/below)
+      (`lightning_modules/grounded_pretraining.py`, `lightning_modules/grounding.py`).
+   b. Projector alone ({stages['align']['steps']} steps of 32 scenes, {stages['align']['minutes']:.0f} min):
+      regresses the grounded tokens from the frozen tower's features, LLaVA's feature-alignment stage
+      (`lightning_modules/projector_alignment.py`).
+   c. Projector and decoder together on the images ({stages['qa']['steps']} steps,
+      {stages['qa']['minutes']:.0f} min), loss on each answer and its `</s>`, eight questions per scene in
+      turns blind to each other (`lightning_modules/qa_finetuning.py`).
 
 Data: `ShapesBenchmark(seed=0)`, train scenes drawn on the fly. AdamW, warmup then cosine decay.
 Total wall time {minutes:.0f} min on 2 CPU cores (torch CPU build), fp32.

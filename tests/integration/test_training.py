@@ -121,3 +121,81 @@ def test_text_pretraining_needs_scene_text(stage1, tmp_path):
     module = TextPretraining(model_name_or_path=stage1[0].hparams.output_dir, output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="scene_text"):
         module.encode({"image": [None]}, ["USER: <image>\nwhat ? ASSISTANT:"])
+
+
+@pytest.fixture(scope="module")
+def grounded(tmp_path_factory):
+    """Stage 2a from a fresh model, 6 steps on one batch of 4 scenes; returns (module, batch, loss before)."""
+    from lightning_modules.grounded_pretraining import GroundedPretraining
+
+    pl.seed_everything(0)
+    out = tmp_path_factory.mktemp("grounded")
+    module = GroundedPretraining(output_dir=str(out), lr=3e-3, warmup_steps=1, noise=0.0)
+    data = ShapesBenchmark(train_size=4, batch_size=4, fit_val_size=4, turns=3, images=False)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    torch.manual_seed(0)  # the same background dropped before and after
+    before = module.loss(batch)[0].item()
+    trainer(6).fit(module, datamodule=data)
+    return module, batch, before
+
+
+def test_grounded_pretraining_trains_the_decoder_on_grounded_tokens(grounded):
+    module, batch, before = grounded
+    assert "image" not in batch and "patch_color" in batch["targets"]
+    torch.manual_seed(0)
+    assert module.loss(batch)[0].item() < 0.8 * before
+    fresh = type(module)(output_dir=module.hparams.output_dir).llava  # same seed: the untrained model
+    for name in ("vision_tower", "multi_modal_projector"):
+        trained, untouched = getattr(module.llava.model, name), getattr(fresh.model, name)
+        assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), untouched.state_dict().values()))
+
+
+def test_grounded_sequences_read_like_the_prompt_with_the_image_tokens_grounded(grounded):
+    module, batch, _ = grounded
+    turns = [[qa] for qa in zip(batch["question"], batch["answer"])]
+    embeds, mask, positions, labels = module.sequences(batch, turns, drop=False)
+    prompt = module.inputs([make_picture()] * len(turns), module.prompts(batch["question"]))
+    assert embeds.shape[1] == prompt["input_ids"].shape[1] + 2  # + answer and </s>
+    assert torch.equal(positions[:, -1] - 2, prompt["attention_mask"].sum(1) - 1)
+    answers = module.processor.tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist())
+    assert answers[::2] == batch["answer"] and set(answers[1::2]) == {"</s>"}
+    short = module.sequences(batch, turns, drop=True)[0]
+    assert short.shape[1] < embeds.shape[1]  # background dropped while training
+
+
+def make_picture():
+    from data.shapes import make_sample
+
+    return make_sample(0, "val", 0).image()
+
+
+def test_projector_alignment_trains_the_projector_only_on_the_stage1_tower(stage1, grounded, tmp_path):
+    from lightning_modules.projector_alignment import ProjectorAlignment
+
+    vision, decoder = stage1[0].hparams.output_dir, grounded[0].hparams.output_dir
+    pl.seed_everything(0)
+    module = ProjectorAlignment(decoder, vision_from=vision, output_dir=str(tmp_path), lr=3e-3, warmup_steps=1)
+    tower = stage1[0].llava.model.vision_tower.state_dict()
+    assert all(torch.equal(v, tower[k]) for k, v in module.llava.model.vision_tower.state_dict().items())
+    head = grounded[0].llava.lm_head.weight.clone()
+    data = ShapesBenchmark(train_size=4, batch_size=4, fit_val_size=4)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    before = module.loss(batch)[0].item()
+    trainer(8).fit(module, datamodule=data)
+    assert module.loss(batch)[0].item() < 0.8 * before
+    assert torch.equal(module.llava.lm_head.weight, head)
+    assert all(torch.equal(v, tower[k]) for k, v in module.llava.model.vision_tower.state_dict().items())
+
+
+def test_projector_alignment_refuses_stages_of_different_models(stage1, tmp_path):
+    from data.tiny_llava import build_processor, build_tiny_llava
+    from lightning_modules.projector_alignment import ProjectorAlignment
+
+    processor = build_processor()
+    other = build_tiny_llava(len(processor.tokenizer), processor.tokenizer.convert_tokens_to_ids("<image>"))
+    other.save_pretrained(tmp_path / "other")
+    processor.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="different tokenizers"):
+        ProjectorAlignment(str(tmp_path / "other"), vision_from=stage1[0].hparams.output_dir, output_dir=str(tmp_path))
