@@ -27,7 +27,7 @@ from data.shapes_llava import build_shapes_llava, shapes_processor
 
 from .grounding import GroundingWords, grounded_tokens, object_patches
 from .qa_finetuning import QAFinetuning
-from .turn_packing import drop_tokens, isolated_turns
+from .turn_packing import drop_tokens
 
 
 class GroundedPretraining(QAFinetuning):
@@ -69,35 +69,37 @@ class GroundedPretraining(QAFinetuning):
         processor = shapes_processor()
         return build_shapes_llava(processor, seed=self.seed), processor
 
+    def encode(self, batch: dict, texts: list[str]) -> dict:
+        """The chat texts tokenized with `<image>` expanded to one token per patch, as the processor
+        expands it; no image is read (`sequences` puts the grounded tokens there)."""
+        image = self.processor.image_token
+        patches = batch["targets"]["patch_color"].shape[1]
+        texts = [text.replace(image, image * patches, 1) for text in texts]
+        return self.processor.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+
     def sequences(self, batch: dict, turns: list, drop: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(inputs_embeds, 4-D mask, position ids, labels) of conversations `turns` about the batch's
-        scenes, the image tokens grounded; with `drop`, a random share of background tokens dropped.
-        Labels are -100 except where the next token is an answer or its `</s>`."""
-        targets = {k: v.to(self.device) for k, v in batch["targets"].items()}
-        patches = targets["patch_color"].shape[1]
-        image = self.processor.image_token
-        prefixes, texts = zip(*(self.conversation(t) for t in turns))
-        full = [p.replace(image, image * patches, 1) + "".join(t) for p, t in zip(prefixes, texts)]
-        tokenizer = self.processor.tokenizer
-        inputs = tokenizer(full, return_tensors="pt", padding=True)
-        lengths = [[len(ids) for ids in tokenizer(list(t), add_special_tokens=False)["input_ids"]] for t in texts]
-        mask, positions = isolated_turns(inputs["attention_mask"], lengths)
-        ids = inputs["input_ids"].to(self.device)
+        scenes (packed by `training_inputs`), the image tokens grounded; with `drop`, a random share of
+        background tokens dropped. Labels are -100 except where the next token is an answer or its `</s>`."""
+        inputs = self.training_inputs({**batch, "turns": turns})
+        ids = inputs["input_ids"]
         labels = torch.full_like(ids, -100)
         answer = self.answer_mask(ids)[:, 1:]
         labels[:, :-1][answer] = ids[:, 1:][answer]
-        table = self.llava.get_input_embeddings().weight
-        tokens = grounded_tokens(targets, table, self.words)
+        targets = {k: v.to(self.device) for k, v in batch["targets"].items()}
+        embedding = self.llava.get_input_embeddings()
+        tokens = grounded_tokens(targets, embedding.weight, self.words)
         if drop and self.hparams.noise > 0:
-            tokens = tokens + self.hparams.noise * table.detach().pow(2).mean().sqrt() * torch.randn_like(tokens)
-        is_image = ids == self.processor.tokenizer.convert_tokens_to_ids(image)
-        embeds = self.llava.get_input_embeddings()(ids).masked_scatter(is_image[..., None], tokens)
+            rms = embedding.weight.detach().pow(2).mean().sqrt()
+            tokens = tokens + self.hparams.noise * rms * torch.randn_like(tokens)
+        is_image = ids == self.llava.config.image_token_id
+        embeds = embedding(ids).masked_scatter(is_image[..., None], tokens)
         keep = torch.ones_like(is_image)
         if drop:
             share = self.hparams.background * torch.rand(())  # of the background kept in this batch
             dropped = ~object_patches(targets) & (torch.rand(targets["patch_color"].shape, device=self.device) >= share)
             keep[is_image] = ~dropped.flatten()
-        mask, positions = mask.to(self.device), positions.to(self.device)
+        mask, positions = inputs["attention_mask"], inputs["position_ids"]
         mask, positions, embeds, labels = drop_tokens(keep, mask, positions, embeds, labels)
         return embeds, mask, positions, labels
 
@@ -121,10 +123,7 @@ class GroundedPretraining(QAFinetuning):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         turns = [[qa] for qa in zip(batch["question"], batch["answer"])]
-        embeds, mask, positions, labels = self.sequences(batch, turns, drop=False)
-        first = (labels != -100).int().argmax(1)  # each row's answer position (the next is its </s>)
-        rows = torch.arange(len(turns), device=labels.device)
-        hidden = self.llava.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
-        next_token = self.llava.lm_head(hidden.last_hidden_state[rows, first]).argmax(-1)
+        logits = self.logits(*self.sequences(batch, turns, drop=False))
+        next_token = logits[::2].argmax(-1)  # each row labels its answer, then its </s>
         answers = self.processor.tokenizer.batch_decode(next_token[:, None], skip_special_tokens=True)
         self.metric.update(answers, batch)

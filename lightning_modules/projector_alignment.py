@@ -54,13 +54,10 @@ class ProjectorAlignment(QAFinetuning):
         self.words = GroundingWords(self.processor.tokenizer)
 
     def projected(self, images: list) -> Tensor:
-        """(B, 576, D) projector outputs on the frozen tower's features of `images`."""
+        """(B, 576, D) projector outputs on `images`, by the model's own feature path (layer -2, CLS
+        dropped); only the projector has gradients, so no graph is kept through the tower."""
         pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"].to(self.device)
-        config = self.llava.config
-        with torch.no_grad():
-            hidden = self.llava.model.vision_tower(pixels, output_hidden_states=True).hidden_states
-        features = hidden[config.vision_feature_layer][:, 1:]  # "default" strategy: CLS dropped
-        return self.llava.model.multi_modal_projector(features)
+        return torch.stack(self.llava.model.get_image_features(pixel_values=pixels).pooler_output)
 
     def loss(self, batch: dict) -> tuple[Tensor, Tensor]:
         """(the loss, the squared error relative to the goal's mean square: 0 exact, 1 as far as zeros)."""
