@@ -14,10 +14,12 @@ from __future__ import annotations
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from data.shapes_questions import vocabulary
-from data.shapes_text import SCENE_WORDS
 from data.tiny_llava import build_processor, build_tiny_llava
 
 CHAT_WORDS = ["user", "assistant", ":"]  # the words the chat template adds around a question
+# Words only the grounded tokens use ("," background, "." an object's centre; `lightning_modules.grounding`).
+# "top" and "bottom" stay from an earlier text stage so the shipped tokenizer's ids do not move.
+GROUNDING_WORDS = [",", ".", "top", "bottom"]
 SIZES = {
     "vision_layers": 6,
     "vision_width": 96,
@@ -31,8 +33,8 @@ SIZES = {
 
 def shapes_processor() -> LlavaProcessor:
     """The processor: CLIP preprocessing at 336 px and a tokenizer over every benchmark word, the chat
-    template's and those of the scene descriptions the decoder pre-trains on (`data.shapes_text`)."""
-    return build_processor(sorted(set(vocabulary()) | set(CHAT_WORDS) | set(SCENE_WORDS)), image_size=336)
+    template's and those of the grounded tokens."""
+    return build_processor(sorted(set(vocabulary()) | set(CHAT_WORDS) | set(GROUNDING_WORDS)), image_size=336)
 
 
 def build_shapes_llava(processor: LlavaProcessor, seed: int = 0, **sizes: int) -> LlavaForConditionalGeneration:

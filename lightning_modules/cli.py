@@ -33,7 +33,6 @@ from .module import PrunedMLLM
 from .projector_alignment import ProjectorAlignment  # noqa: F401
 from .qa_finetuning import QAFinetuning  # noqa: F401
 from .shapes_data import ShapesBenchmark  # noqa: F401
-from .text_pretraining import TextPretraining  # noqa: F401
 from .vision_pretraining import VisionPretraining  # noqa: F401
 
 RICH_BAR = "pytorch_lightning.callbacks.RichProgressBar"

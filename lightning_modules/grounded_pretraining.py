@@ -4,9 +4,9 @@ LLaVA's decoder (Vicuna) could read and answer before it ever saw an image; inst
 only had to bring the image to it. Ours starts from random weights. Here it learns the six question
 families on sequences laid out exactly as the model's prompts, with the 576 image tokens replaced by
 the grounded tokens of the scene (`lightning_modules.grounding`: each patch the sum of the embeddings
-of the words that describe it). Scenes told as a sentence (`text_pretraining`) taught colour and
+of the words that describe it). An earlier stage that told the scene as a sentence taught colour and
 shape but not where things are or how many; on grounded tokens at their image positions the decoder
-learnt colour and shape in 300 steps and went on to counting and reading.
+learnt colour and shape in 300 steps.
 
 Speed: most of the 576 tokens are background. Each training batch keeps every object and label
 token and a random share of the background (uniform in [0, 1/4] per batch), at their own positions

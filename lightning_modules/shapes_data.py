@@ -21,7 +21,6 @@ from data.shapes import SPLIT_SIZES, make_sample
 from data.shapes_dialogue import conversation
 from data.shapes_scene import IMAGE_SIZE
 from data.shapes_targets import scene_targets
-from data.shapes_text import scene_words
 
 from .datamodule import BenchmarkDataModule, collate
 
@@ -29,8 +28,7 @@ from .datamodule import BenchmarkDataModule, collate
 class ShapesDataset(Dataset):
     """Samples `indices` of one split: id, image (PIL), question, answer, task, and optionally the
     scene's pre-training targets (`data.shapes_targets`), when `turns` > 1 a training conversation of
-    that many (question, answer) turns (`data.shapes_dialogue`), and with `scene_text` the scene in
-    words (`data.shapes_text`) instead of the image; without `images` no image is drawn."""
+    that many (question, answer) turns (`data.shapes_dialogue`); without `images` no image is drawn."""
 
     def __init__(
         self,
@@ -40,11 +38,10 @@ class ShapesDataset(Dataset):
         targets: bool = False,
         noise: bool = False,
         turns: int = 1,
-        scene_text: bool = False,
         images: bool = True,
     ) -> None:
         self.seed, self.split, self.indices, self.targets, self.noise = seed, split, indices, targets, noise
-        self.turns, self.scene_text, self.images = turns, scene_text, images
+        self.turns, self.images = turns, images
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -52,9 +49,7 @@ class ShapesDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         sample = make_sample(self.seed, self.split, self.indices[i])
         item = {"id": sample.id, "question": sample.question, "answer": sample.answer, "task": sample.task}
-        if self.scene_text:  # no image to draw: text steps are cheap
-            item["scene"] = scene_words(sample)
-        elif self.images:
+        if self.images:
             item["image"] = noise_image(sample.pixel_seed) if self.noise else sample.image()
         if self.targets:
             item["targets"] = scene_targets(sample)
@@ -92,8 +87,6 @@ class ShapesBenchmark(BenchmarkDataModule):
             to chance: its questions need the image).
         targets: give fit's batches the scenes' pre-training targets (`data.shapes_targets`), which
             only the vision stage reads; drawing them costs as much as the image.
-        scene_text: give every sample its scene in words instead of the image (the decoder's text
-            pre-training, `lightning_modules.text_pretraining`).
         images: draw the images; the grounded stage (`lightning_modules.grounded_pretraining`) reads
             only the targets.
         batch_size, num_workers, limit, shuffle_seed: see `BenchmarkDataModule`.
@@ -108,7 +101,6 @@ class ShapesBenchmark(BenchmarkDataModule):
         fit_val_size: int = 300,
         noise_images: bool = False,
         targets: bool = True,
-        scene_text: bool = False,
         images: bool = True,
         turns: int = 1,
         batch_size: int = 16,
@@ -130,7 +122,7 @@ class ShapesBenchmark(BenchmarkDataModule):
         self.split, self.seed, self.train_size, self.fit_val_size = split, seed, train_size, fit_val_size
         self.size = SPLIT_SIZES[split] if size is None else size
         self.noise_images, self.turns = noise_images, turns
-        self.targets, self.scene_text, self.images = targets, scene_text, images
+        self.targets, self.images = targets, images
         self.training = False
 
     collate = staticmethod(collate_train)
@@ -152,12 +144,12 @@ class ShapesBenchmark(BenchmarkDataModule):
     def eval_dataset(self) -> Dataset:
         indices = [int(r.id.rsplit("-", 1)[1]) for r in self.records]
         return ShapesDataset(self.seed, self.split, indices, targets=self.training and self.targets,
-                             noise=self.noise_images, scene_text=self.scene_text, images=self.images)  # fmt: skip
+                             noise=self.noise_images, images=self.images)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             ShapesDataset(self.seed, "train", list(range(self.train_size)), targets=self.targets, turns=self.turns,
-                          scene_text=self.scene_text, images=self.images),  # fmt: skip
+                          images=self.images),  # fmt: skip
             batch_size=self.batch_size,
             shuffle=True,
             num_workers=self.num_workers,

@@ -94,35 +94,6 @@ def test_packed_turns_are_scored_as_their_single_turn_prompts(stage1, tmp_path):
             assert torch.allclose(packed[at - 1], alone, atol=1e-4), question
 
 
-def test_text_pretraining_trains_the_decoder_on_scene_words_only(stage1, tmp_path):
-    from lightning_modules.text_pretraining import TextPretraining
-
-    vision_dir = stage1[0].hparams.output_dir
-    module = TextPretraining(model_name_or_path=vision_dir, output_dir=str(tmp_path), warmup_steps=1)
-    params = module.llava.named_parameters()
-    frozen = {n: p.clone() for n, p in params if "language_model" not in n and "lm_head" not in n}
-    decoder = module.llava.lm_head.weight.clone()
-    data = ShapesBenchmark(train_size=4, batch_size=2, fit_val_size=2, turns=3, targets=False, scene_text=True)
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
-    assert "image" not in batch and all(s.endswith(" .") for s in batch["scene"])
-    inputs = module.training_inputs(batch)
-    words = module.processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][-1])
-    start = words.index("user") + 2  # "user", ":", then the scene where the image tokens would be
-    assert "<image>" not in words and words[start : start + 2] == batch["scene"][-1].split()[:2]
-    trainer(2).fit(module, datamodule=data)
-    assert all(torch.equal(p, frozen[n]) for n, p in module.llava.named_parameters() if n in frozen)
-    assert not torch.equal(module.llava.lm_head.weight, decoder)
-
-
-def test_text_pretraining_needs_scene_text(stage1, tmp_path):
-    from lightning_modules.text_pretraining import TextPretraining
-
-    module = TextPretraining(model_name_or_path=stage1[0].hparams.output_dir, output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="scene_text"):
-        module.encode({"image": [None]}, ["USER: <image>\nwhat ? ASSISTANT:"])
-
-
 @pytest.fixture(scope="module")
 def grounded(tmp_path_factory):
     """Stage 2a from a fresh model, 6 steps on one batch of 4 scenes; returns (module, batch, loss before)."""
