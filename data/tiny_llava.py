@@ -2,10 +2,10 @@
 
 The model is a stock `LlavaForConditionalGeneration` (CLIP-ViT + LLaMA) with random weights and a
 word-level tokenizer, saved with `save_pretrained` so it loads like any Hugging Face checkpoint.
-Tests, `make demo` and `vtprune validate` use it until the embedded benchmark and its trained
-checkpoint land.
+Tests build on it, and so does the embedded benchmark's model (`data.shapes_llava`, trained and
+shipped as `checkpoints/tiny-llava-shapes`).
 
-    python -m data.tiny_llava --out .cache/demo    # writes .cache/demo/model and .cache/demo/data
+    python -m data.tiny_llava --out DIR    # a random-weight model in DIR/model, questions in DIR/data
 """
 
 from __future__ import annotations

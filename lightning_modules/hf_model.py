@@ -18,8 +18,8 @@ def model_architecture(path: Path) -> str:
     config_file = path / "config.json"
     if not path.is_dir():
         raise FileNotFoundError(
-            f"model folder {path} does not exist; give --model.model_name_or_path a local Hugging Face folder "
-            f"(the demo model is written by `python -m data.tiny_llava --out .cache/demo`)"
+            f"model folder {path} does not exist (relative paths are from {Path.cwd()}); give "
+            "--model.model_name_or_path a local Hugging Face folder, e.g. checkpoints/tiny-llava-shapes"
         )
     if not config_file.is_file():
         found = sorted(p.name for p in path.iterdir())[:10]

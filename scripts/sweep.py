@@ -50,8 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 DEFAULT = ROOT / "configs" / "sweep" / "embedded.yaml"
 KEYS = {"base", "pruners", "budgets", "benchmarks", "out", "args"}
-COLUMNS = ("pruner", "budget", "benchmark", "accuracy", "loyalty", "visual_tokens", "prefill_tflops", "kv_cache_mb",
-           "prefill_latency_ms", "num_samples")  # fmt: skip
+# visual_tokens: what reaches the LLM's last layer; tokens_llm_input: what enters its first; tokens_layer_mean:
+# the average over its layers (the count FLOPs follow). retained: accuracy / the unpruned run's accuracy.
+COLUMNS = ("pruner", "budget", "benchmark", "accuracy", "retained", "loyalty", "tokens_llm_input", "visual_tokens",
+           "tokens_layer_mean", "prefill_tflops", "kv_cache_mb", "prefill_latency_ms", "num_samples")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -130,8 +132,11 @@ def summary_row(run: Run, results: dict) -> dict:
         "budget": run.budget,
         "benchmark": run.benchmark,
         "accuracy": results.get("accuracy"),
-        "loyalty": None,  # filled by `add_loyalty` when the sweep has a `none` run of the benchmark
+        "retained": None,  # these two filled by `add_reference` when the sweep has a `none` run of the benchmark
+        "loyalty": None,
+        "tokens_llm_input": results.get("visual_tokens_llm_input"),
         "visual_tokens": results.get("visual_tokens"),
+        "tokens_layer_mean": results.get("visual_tokens_layer_mean"),
         "prefill_tflops": None if flops is None else flops / 1e12,
         "kv_cache_mb": None if kv is None else kv / 2**20,
         "prefill_latency_ms": results.get("prefill_latency_ms"),
@@ -150,12 +155,16 @@ def loyalty(folder: Path, reference: Path) -> float | None:
     return float(metric.compute()["loyalty"])
 
 
-def add_loyalty(runs: list[Run], rows: list[dict]) -> None:
-    """Loyalty of every run to the `none` run of its benchmark (DESIGN: pruned vs unpruned answers)."""
-    unpruned = {run.benchmark: run.folder for run in runs if run.pruner == "none"}
+def add_reference(runs: list[Run], rows: list[dict]) -> None:
+    """Retained accuracy share and loyalty (DESIGN: pruned vs unpruned answers) of every run, against
+    the `none` run of its benchmark."""
+    unpruned = {run.benchmark: (run.folder, row["accuracy"]) for run, row in zip(runs, rows) if run.pruner == "none"}
     for run, row in zip(runs, rows):
         if run.benchmark in unpruned:
-            row["loyalty"] = loyalty(run.folder, unpruned[run.benchmark])
+            folder, accuracy = unpruned[run.benchmark]
+            row["loyalty"] = loyalty(run.folder, folder)
+            if accuracy and row["accuracy"] is not None:
+                row["retained"] = row["accuracy"] / accuracy
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -167,7 +176,8 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    formats = {"accuracy": ".3f", "loyalty": ".3f", "visual_tokens": ".1f", "prefill_tflops": ".4g",
+    formats = {"accuracy": ".3f", "retained": ".1%", "loyalty": ".3f", "tokens_llm_input": ".0f",
+               "visual_tokens": ".1f", "tokens_layer_mean": ".1f", "prefill_tflops": ".4g",
                "kv_cache_mb": ".3f", "prefill_latency_ms": ".1f"}  # fmt: skip
 
     def cell(key: str, value) -> str:
@@ -214,7 +224,7 @@ def sweep(argv: list[str] | None = None) -> list[dict]:
     out = args.out or Path(spec["out"])
     runs = plan(spec, out, extra)
     rows = [summary_row(run, run_once(run)) for run in runs]
-    add_loyalty(runs, rows)
+    add_reference(runs, rows)
     write_text_atomic(out / "summary.csv", to_csv(rows))
     table = write_text_atomic(out / "summary.md", to_markdown(rows)).read_text()
     plot(rows, "prefill_tflops", "prefill TFLOPs (multiply-adds)", out / "accuracy_vs_flops.png")

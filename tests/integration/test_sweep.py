@@ -85,7 +85,11 @@ def test_uninterrupted_sweep(reference):
     assert [float(r["visual_tokens"]) for r in rows] == [64, 16, 32]
     assert all(int(r["num_samples"]) == QUESTIONS for r in rows)
     assert float(rows[0]["prefill_tflops"]) > float(rows[2]["prefill_tflops"]) > float(rows[1]["prefill_tflops"])
-    assert (reference / "summary.md").read_text().startswith("| pruner | budget | benchmark | accuracy | loyalty |")
+    assert (reference / "summary.md").read_text().startswith("| pruner | budget | benchmark | accuracy | retained |")
+    for row in rows:  # retained: accuracy as a share of the unpruned run's
+        expected = float(row["accuracy"]) / float(rows[0]["accuracy"]) if float(rows[0]["accuracy"]) else None
+        assert row["retained"] == "" if expected is None else float(row["retained"]) == pytest.approx(expected)
+    assert [float(r["tokens_llm_input"]) for r in rows] == [64, 16, 32]  # pool acts before the LLM
     unpruned = predictions(reference / "tiny" / "none")
     for row, run in zip(rows, RUNS):  # loyalty: agreement with the unpruned run's answers
         answers = predictions(reference / "tiny" / run)
