@@ -24,12 +24,7 @@ venv: $(STAMP) ## Create .venv (torch CPU wheel, then vtprune in editable mode)
 demo: $(STAMP) ## Main job: validate the seed pruners on the embedded default (ARGS= extra flags)
 	$(BIN)/python scripts/demo.py $(ARGS)
 
-# The embedded sweep reads demo.yaml's stand-in model and questions; written once, as `make demo` does.
-DEMO_CACHE := $(or $(VTPRUNE_CACHE),.cache)/demo
-
 sweep: $(STAMP) ## Resumable sweep: pruners x budgets x benchmarks (ARGS= YAML, --out, vtprune flags)
-	@test -f $(DEMO_CACHE)/model/config.json -a -f $(DEMO_CACHE)/data/questions.jsonl \
-		|| $(BIN)/python -m data.tiny_llava --out $(DEMO_CACHE) --n 48
 	$(BIN)/python scripts/sweep.py $(ARGS)
 
 test: $(STAMP) ## Run the default test suite (< 10 min on 2 cores)

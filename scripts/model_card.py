@@ -137,7 +137,8 @@ python scripts/model_card.py                                       # scores it a
       turns blind to each other (`lightning_modules/qa_finetuning.py`).
 
 Data: `ShapesBenchmark(seed=0)`, train scenes drawn on the fly. AdamW, warmup then cosine decay.
-Total wall time {minutes:.0f} min on 2 CPU cores (torch CPU build), fp32.
+Total wall time {minutes:.0f} min on 2 CPU cores (torch CPU build), fp32, as the run logs give it: it
+includes any time a stage shared the cores with other jobs.
 
 ## Test metrics
 
