@@ -8,6 +8,8 @@ The YAML (paths relative to the current folder, as for `vtprune -c`):
     base: [configs/experiment/demo.yaml]     # config files of every run
     pruners: [none, random, fastv]           # `none` runs once, without a budget
     budgets: [64, 128, 192]
+    # a pruner may bring its own args and budgets ([]: one run without a budget, as adaptive ones need):
+    #   pruners: [{dyvte: {args: [--model.pruner.checkpoint=DIR], budgets: []}}]
     benchmarks:                              # name -> extra config files / CLI args of its runs
       shapes: []
       pope: [-c, configs/data/pope.yaml, --data.root=DIR]
@@ -73,19 +75,35 @@ def load_sweep(path: str | Path) -> dict:
     unknown, missing = set(spec) - KEYS, {"base", "pruners", "benchmarks", "out"} - set(spec)
     if unknown or missing:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-    if any(name != "none" for name in spec["pruners"]) and not spec.get("budgets"):
-        raise ValueError(f"{path}: pruners other than none need `budgets`")
+    for entry in spec["pruners"]:
+        name, own = pruner_entry(entry)
+        if set(own) - {"args", "budgets"}:
+            raise ValueError(f"{path}: pruner {name} has unknown keys {sorted(set(own) - {'args', 'budgets'})}")
+        if name != "none" and "budgets" not in own and not spec.get("budgets"):
+            raise ValueError(f"{path}: pruner {name} needs `budgets` (its own or the sweep's)")
     return spec
+
+
+def pruner_entry(entry: str | dict) -> tuple[str, dict]:
+    """(name, its own `args`/`budgets`) of one item of the YAML's `pruners`: a name, or {name: {...}}."""
+    if isinstance(entry, str):
+        return entry, {}
+    if isinstance(entry, dict) and len(entry) == 1:
+        ((name, own),) = entry.items()
+        return name, dict(own or {})
+    raise ValueError(f"a pruner is a name or {{name: {{args: [...], budgets: [...]}}}}, got {entry!r}")
 
 
 def plan(spec: dict, out: Path, extra: list[str]) -> list[Run]:
     """Every run of the sweep, benchmark by benchmark, in the YAML's order."""
     runs = []
     for benchmark, benchmark_args in spec["benchmarks"].items():
-        for pruner in spec["pruners"]:
-            for budget in [None] if pruner == "none" else spec["budgets"]:
+        for pruner, own in map(pruner_entry, spec["pruners"]):
+            budgets = [] if pruner == "none" else own.get("budgets", spec.get("budgets"))
+            for budget in budgets or [None]:
                 args = [arg for config in spec["base"] for arg in ("-c", str(config))] + list(benchmark_args or [])
                 args += [f"--model.pruner={pruner}"] + ([] if budget is None else [f"--model.pruner.budget={budget}"])
+                args += list(own.get("args") or [])
                 args += QUIET + list(spec.get("args") or []) + extra  # the YAML's and the caller's args may undo QUIET
                 folder = out / benchmark / (pruner if budget is None else f"{pruner}-{budget}")
                 runs.append(Run(benchmark, pruner, budget, folder, args))

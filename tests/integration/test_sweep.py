@@ -179,3 +179,18 @@ def test_embedded_sweep_lists_every_pruner():
     runs = sweep.plan(spec, Path("out"), [])
     assert len(runs) == 1 + 3 * (len(training_free) - 1)
     assert runs[0].folder == Path("out/shapes/none") and "--model.pruner.budget=64" in runs[1].args
+
+
+def test_pruner_entries_bring_their_own_args_and_budgets(tmp_path):
+    spec = {"base": ["b.yaml"], "budgets": [64, 128], "benchmarks": {"shapes": []}, "out": "o",
+            "pruners": ["none", {"gate": {"args": ["--model.pruner.checkpoint=G"]}},
+                        {"dyvte": {"args": ["--model.pruner.checkpoint=D"], "budgets": []}}]}  # fmt: skip
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    runs = sweep.plan(sweep.load_sweep(tmp_path / "s.yaml"), Path("out"), [])
+    assert [r.folder.name for r in runs] == ["none", "gate-64", "gate-128", "dyvte"]
+    assert "--model.pruner.checkpoint=G" in runs[1].args and "--model.pruner.checkpoint=G" not in runs[0].args
+    assert not any(a.startswith("--model.pruner.budget") for a in runs[3].args)
+    spec["pruners"] = [{"gate": {"budget": [64]}}]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=r"pruner gate has unknown keys \['budget'\]"):
+        sweep.load_sweep(tmp_path / "s.yaml")
