@@ -18,8 +18,7 @@ from data.tiny_llava import build_processor, build_tiny_llava
 
 CHAT_WORDS = ["user", "assistant", ":"]  # the words the chat template adds around a question
 # Words only the grounded tokens use ("," background, "." an object's centre; `lightning_modules.grounding`).
-# "top" and "bottom" stay from an earlier text stage so the shipped tokenizer's ids do not move.
-GROUNDING_WORDS = [",", ".", "top", "bottom"]
+GROUNDING_WORDS = [",", "."]
 SIZES = {
     "vision_layers": 6,
     "vision_width": 96,

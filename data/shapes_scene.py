@@ -32,34 +32,42 @@ COLORS = {
 }
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond"]
 
-# Characters that stay distinct at one patch of height in Pillow's bundled font.
-ALPHABET = "ABEHKMRX2347"
-# The codes a label can carry (the answers of `read`). A fixed list keeps the answer set small
-# enough to balance; reversed pairs (AK / KA) make order matter, so one glyph is never enough.
-TEXTS = [
-    "AK", "KA", "R7", "7R", "E3", "3E", "HX", "XH", "M4", "4M", "BA", "2K",
-    "AKR", "R7E", "E3H", "HXM", "M4B", "B2A", "K7X", "X3M", "4EA", "2HR", "7BK", "3MX",
-]  # fmt: skip
-FONT_SIZES = (18, 20, 22)  # capital height 13-15 px: about one patch; the label is ~1.5 patches
+# Characters that stay distinct in one patch cell in Pillow's bundled font ("M" is dropped: at the
+# label's font size it is wider than a cell).
+ALPHABET = "ABEHKRX2347"
+# The codes a label can carry (the answers of `read`): six of two characters and six of three. A fixed
+# list keeps the answer set small enough to balance; reversed pairs (AK / KA) make order matter, so
+# one glyph is never enough.
+TEXTS = ["AK", "KA", "R7", "7R", "E3", "3E", "HXB", "BXH", "2A4", "4A2", "K7E", "E7K"]  # fmt: skip
+FONT_SIZES = (16, 18)  # capital height 11-13 px: a glyph fills most of its 14 px cell
 CORNERS = ["top left", "top right", "bottom left", "bottom right"]
 
-MIN_SIZE, MAX_SIZE = 12, 72  # object bounding box side in px: under one patch to five patches
-GAP = 6  # px of background kept between any two things
+# Everything sits on the patch grid: an object fills a block of `cells` x `cells` patches (less a
+# 1 px margin all round), a label one patch per character. So every visual token holds one thing
+# (or a part of one), as in a photo of large objects, and a 6-layer tower trained for minutes on a
+# CPU can tell the shapes apart; objects placed at any pixel were split across up to four patches
+# and a tower trained for 2.5 hours named the right shape for only half of them.
+CELL = PATCH
+GRID_CELLS = IMAGE_SIZE // CELL  # 24 patches a side
+MARGIN = 1  # px between an object's box and the edge of its block
+SIZE_CELLS = (1, 2, 3)  # plain objects: under one patch (12 px) to 3 x 3 patches (40 px) ...
+SIZE_WEIGHTS = (0.35, 0.35, 0.3)
+CARRIER_CELLS = 5  # ... an object that carries a label: 5 x 5 patches (68 px), the label on its middle row
+GAP_CELLS = 1  # empty cells kept between any two things
+MIN_SIZE, MAX_SIZE = CELL - 2 * MARGIN, CARRIER_CELLS * CELL - 2 * MARGIN
 SIDE_GAP = PATCH  # spatial pairs are at least one patch apart on the asked axis
-EDGE = 4  # px kept free at the image border
-LABEL_PAD, CHAR_GAP = 3, 2  # label padding around the glyphs, space between glyphs
 
 
 @dataclasses.dataclass
 class Obj:
-    """One object: `x`, `y` is the top-left corner of its `size` x `size` bounding box."""
+    """One object: `x`, `y` is the top-left corner of its `size` x `size` bounding box (px)."""
 
     color: str
     shape: str
     size: int = 0
     x: int = 0
     y: int = 0
-    min_size: int = 0  # raised for objects that carry a label
+    carrier: bool = False  # carries a label: drawn CARRIER_CELLS patches wide
 
     @property
     def box(self) -> tuple[int, int, int, int]:
@@ -70,23 +78,37 @@ class Obj:
     def center(self) -> tuple[float, float]:
         return self.x + self.size / 2, self.y + self.size / 2
 
+    @property
+    def cells(self) -> int:
+        return (self.size + 2 * MARGIN) // CELL
+
+    @property
+    def block(self) -> tuple[int, int, int, int]:
+        """(col0, row0, col1, row1) of the patches it fills, half-open."""
+        col, row = (self.x - MARGIN) // CELL, (self.y - MARGIN) // CELL
+        return col, row, col + self.cells, row + self.cells
+
 
 @dataclasses.dataclass
 class Text:
-    """A label: `text` (uppercase) drawn at `x`, `y` (top-left of the label box)."""
+    """A label: `text` (uppercase), one character a patch, its top-left patch at (`col`, `row`)."""
 
     text: str
     where: str  # "corner" or "object"
     target: int | str  # the object's index, or a name from CORNERS
-    font_size: int = FONT_SIZES[1]
+    font_size: int = FONT_SIZES[-1]
     dark_on_light: bool = True
-    x: int = 0
-    y: int = 0
+    col: int = 0
+    row: int = 0
 
     @property
     def box(self) -> tuple[int, int, int, int]:
-        w, h = label_size(self.text, self.font_size)
-        return self.x, self.y, self.x + w, self.y + h
+        x, y = self.col * CELL, self.row * CELL
+        return x, y, x + len(self.text) * CELL, y + CELL
+
+    @property
+    def block(self) -> tuple[int, int, int, int]:
+        return self.col, self.row, self.col + len(self.text), self.row + 1
 
 
 @functools.cache
@@ -100,35 +122,6 @@ def _line_extent(size: int) -> tuple[int, int]:
     """Top and bottom of the ink of every character of ALPHABET, so all labels share a baseline."""
     boxes = [font(size).getbbox(c) for c in ALPHABET]
     return min(b[1] for b in boxes), max(b[3] for b in boxes)
-
-
-def glyph_width(char: str, size: int) -> int:
-    left, _, right, _ = font(size).getbbox(char)
-    return right - left
-
-
-def label_size(text: str, size: int) -> tuple[int, int]:
-    """Width and height of the label box for `text` at font `size`."""
-    top, bottom = _line_extent(size)
-    width = sum(glyph_width(c, size) for c in text) + CHAR_GAP * (len(text) - 1)
-    return width + 2 * LABEL_PAD, bottom - top + 2 * LABEL_PAD
-
-
-def _label_anchor(obj: Obj) -> tuple[float, float]:
-    """Where a label sits on an object: its centre, or lower on a triangle (where it is widest)."""
-    cx, cy = obj.center
-    return (cx, obj.y + 0.65 * obj.size) if obj.shape == "triangle" else (cx, cy)
-
-
-def carrier_min_size(shape: str, text: Text) -> int:
-    """Smallest object that a label fits on with the object's colour still showing around it."""
-    w, h = label_size(text.text, text.font_size)
-    factor = 1.9 if shape == "triangle" else 1.4
-    return math.ceil(max(factor * w, 2.5 * h))
-
-
-def _overlap(a: tuple[int, ...], b: tuple[int, ...], gap: int) -> bool:
-    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
 
 
 def side_of(a: Obj, b: Obj) -> str | None:
@@ -152,25 +145,37 @@ def side_of(a: Obj, b: Obj) -> str | None:
     return None
 
 
-def _corner_xy(corner: str, w: int, h: int) -> tuple[int, int]:
-    margin = 2 * EDGE
-    x = margin if "left" in corner else IMAGE_SIZE - margin - w
-    y = margin if "top" in corner else IMAGE_SIZE - margin - h
-    return x, y
+def _corner_cell(corner: str, length: int) -> tuple[int, int]:
+    col = 0 if "left" in corner else GRID_CELLS - length
+    row = 0 if "top" in corner else GRID_CELLS - 1
+    return col, row
+
+
+def _label_cell(obj: Obj, length: int) -> tuple[int, int]:
+    """Where a label sits on its carrier: centred on the middle row (on a triangle, a row lower,
+    where it is wide enough to show the colour around the label)."""
+    col0, row0, _, _ = obj.block
+    row = row0 + obj.cells // 2 + (1 if obj.shape == "triangle" else 0)
+    return col0 + (obj.cells - length) // 2, row
+
+
+def _free(taken: np.ndarray, block: tuple[int, int, int, int]) -> bool:
+    c0, r0, c1, r1 = block
+    g = GAP_CELLS
+    return not taken[max(0, r0 - g) : r1 + g, max(0, c0 - g) : c1 + g].any()
 
 
 def _try_place(
     rng: random.Random, objects: list[Obj], text: Text | None, relation: tuple[int, int, str] | None
 ) -> bool:
-    taken: list[tuple[int, int, int, int]] = []
+    taken = np.zeros((GRID_CELLS, GRID_CELLS), bool)
     if text is not None and text.where == "corner":
-        text.x, text.y = _corner_xy(str(text.target), *label_size(text.text, text.font_size))
-        taken.append(text.box)
+        text.col, text.row = _corner_cell(str(text.target), len(text.text))
+        c0, r0, c1, r1 = text.block
+        taken[r0:r1, c0:c1] = True
     for obj in objects:
-        if obj.min_size:
-            obj.size = rng.randint(obj.min_size, obj.min_size + 16)
-        else:  # log-uniform, so small objects (under a patch) are as common as large ones
-            obj.size = round(math.exp(rng.uniform(math.log(MIN_SIZE), math.log(MAX_SIZE))))
+        cells = CARRIER_CELLS if obj.carrier else rng.choices(SIZE_CELLS, SIZE_WEIGHTS)[0]
+        obj.size = cells * CELL - 2 * MARGIN
     order = list(range(len(objects)))
     if relation is not None:  # place the reference object first, then the one related to it
         a, b, _ = relation
@@ -178,20 +183,19 @@ def _try_place(
     for i in order:
         obj = objects[i]
         for _ in range(100):
-            obj.x = rng.randint(EDGE, IMAGE_SIZE - EDGE - obj.size)
-            obj.y = rng.randint(EDGE, IMAGE_SIZE - EDGE - obj.size)
-            if any(_overlap(obj.box, box, GAP) for box in taken):
+            obj.x = rng.randrange(GRID_CELLS - obj.cells + 1) * CELL + MARGIN
+            obj.y = rng.randrange(GRID_CELLS - obj.cells + 1) * CELL + MARGIN
+            if not _free(taken, obj.block):
                 continue
             if relation is not None and i == relation[0] and side_of(obj, objects[relation[1]]) != relation[2]:
                 continue
-            taken.append(obj.box)
+            c0, r0, c1, r1 = obj.block
+            taken[r0:r1, c0:c1] = True
             break
         else:
             return False
     if text is not None and text.where == "object":
-        w, h = label_size(text.text, text.font_size)
-        cx, cy = _label_anchor(objects[int(text.target)])
-        text.x, text.y = round(cx - w / 2), round(cy - h / 2)
+        text.col, text.row = _label_cell(objects[int(text.target)], len(text.text))
     return True
 
 
@@ -201,11 +205,11 @@ def layout(
     text: Text | None = None,
     relation: tuple[int, int, str] | None = None,
 ) -> None:
-    """Give every object a size and a position, in place: no two overlap, none covers a corner
-    label, and `relation` (a, b, side), if given, holds: objects[a] is clearly `side` of objects[b]."""
+    """Give every object a size and a place on the patch grid, in place: no two overlap or touch,
+    none covers a corner label, and `relation` (a, b, side), if given, holds: objects[a] is clearly
+    `side` of objects[b]."""
     if text is not None and text.where == "object":
-        carrier = objects[int(text.target)]
-        carrier.min_size = carrier_min_size(carrier.shape, text)
+        objects[int(text.target)].carrier = True
     for _ in range(200):  # each try draws new sizes, so a crowded draw does not stick
         if _try_place(rng, objects, text, relation):
             return
@@ -274,28 +278,24 @@ def draw_shape(draw: ImageDraw.ImageDraw, obj: Obj, rgb: tuple[int, int, int] | 
 
 
 def char_boxes(text: Text) -> list[tuple[str, tuple[int, int, int, int]]]:
-    """Each character of a label with the box (x0, y0, x1, y1, half-open) of its column in the label."""
+    """Each character of a label with the box (x0, y0, x1, y1, half-open) of its cell."""
     x0, y0, _, y1 = text.box
-    x, out = x0 + LABEL_PAD, []
-    for char in text.text:
-        width = glyph_width(char, text.font_size)
-        out.append((char, (x, y0 + LABEL_PAD, x + width, y1 - LABEL_PAD)))
-        x += width + CHAR_GAP
-    return out
+    return [(char, (x0 + k * CELL, y0, x0 + (k + 1) * CELL, y1)) for k, char in enumerate(text.text)]
 
 
 def _draw_label(draw: ImageDraw.ImageDraw, text: Text) -> None:
     ink, paper = ((15, 15, 15), (250, 250, 250)) if text.dark_on_light else ((250, 250, 250), (15, 15, 15))
     x0, y0, x1, y1 = text.box
     draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=paper)
-    top, _ = _line_extent(text.font_size)
-    x = x0 + LABEL_PAD
-    for char in text.text:
-        left = font(text.font_size).getbbox(char)[0]
-        # getbbox is relative to the drawing origin: shift so the ink starts at x and the line top
-        # of ALPHABET at the padding.
-        draw.text((x - left, y0 + LABEL_PAD - top), char, font=font(text.font_size), fill=ink)
-        x += glyph_width(char, text.font_size) + CHAR_GAP
+    top, bottom = _line_extent(text.font_size)
+    f = font(text.font_size)
+    for char, (cx0, cy0, _, _) in char_boxes(text):
+        left, _, right, _ = f.getbbox(char)
+        # getbbox is relative to the drawing origin: shift so the ink is centred in its cell and
+        # every glyph of the label shares the line of ALPHABET.
+        x = cx0 + (CELL - (right - left)) / 2 - left
+        y = cy0 + (CELL - (bottom - top)) / 2 - top
+        draw.text((round(x), round(y)), char, font=f, fill=ink)
 
 
 def render(objects: list[Obj], text: Text | None, seed: int, noise: float = 4.0) -> Image.Image:
