@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from data.shapes import VERSION
 from lightning_modules.cli import main as vtprune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,9 @@ python scripts/model_card.py                                       # scores it a
       {stages['qa']['minutes']:.0f} min), loss on each answer and its `</s>`, eight questions per scene in
       turns blind to each other (`lightning_modules/qa_finetuning.py`).
 
-Data: `ShapesBenchmark(seed=0)`, train scenes drawn on the fly. AdamW, warmup then cosine decay.
+Data: `ShapesBenchmark(seed=0)` (generator version {VERSION}: every object and label on the patch grid),
+train scenes drawn on the fly, with a label in about 60% of them (a third in val and test) so the decoder
+sees each code often enough. AdamW, warmup then cosine decay.
 Total wall time {minutes:.0f} min on 2 CPU cores (torch CPU build), fp32, as the run logs give it: it
 includes any time a stage shared the cores with other jobs.
 
