@@ -170,15 +170,19 @@ def test_run_folder_refuses_other_arguments(sweep_yaml, reference, tmp_path):
 
 
 def test_embedded_sweep_lists_every_pruner():
-    # Every training-free pruner; the learned ones (pruners/learned/) need a trained checkpoint of the model.
-    learned = [n for n in pruners.available() if pruners.registry.get(n).__module__.startswith("pruners.learned")]
-    training_free = sorted(set(pruners.available()) - set(learned))
+    # Every registered pruner; the learned ones load the checkpoints shipped for the tiny LLaVA, and the
+    # adaptive DyVTE runs once, without a budget.
     spec = sweep.load_sweep(ROOT / "configs" / "sweep" / "embedded.yaml")
-    assert sorted(spec["pruners"]) == training_free and spec["budgets"] == [64, 128, 192]
+    entries = dict(sweep.pruner_entry(entry) for entry in spec["pruners"])
+    assert sorted(entries) == sorted(pruners.available()) and spec["budgets"] == [64, 128, 192]
     assert all((ROOT / config).is_file() for config in spec["base"])
+    for name in ("gate", "dyvte"):
+        (folder,) = [a.split("=", 1)[1] for a in entries[name]["args"] if a.startswith("--model.pruner.checkpoint=")]
+        assert (ROOT / folder / "pruner.json").is_file(), folder
     runs = sweep.plan(spec, Path("out"), [])
-    assert len(runs) == 1 + 3 * (len(training_free) - 1)
+    assert len(runs) == 1 + 3 * (len(pruners.available()) - 2) + 1
     assert runs[0].folder == Path("out/shapes/none") and "--model.pruner.budget=64" in runs[1].args
+    assert runs[-1].folder == Path("out/shapes/dyvte")
 
 
 def test_pruner_entries_bring_their_own_args_and_budgets(tmp_path):
