@@ -54,7 +54,6 @@ SIZE_CELLS = (1, 2, 3)  # plain objects: under one patch (12 px) to 3 x 3 patche
 SIZE_WEIGHTS = (0.35, 0.35, 0.3)
 CARRIER_CELLS = 5  # ... an object that carries a label: 5 x 5 patches (68 px), the label on its middle row
 GAP_CELLS = 1  # empty cells kept between any two things
-MIN_SIZE, MAX_SIZE = CELL - 2 * MARGIN, CARRIER_CELLS * CELL - 2 * MARGIN
 SIDE_GAP = PATCH  # spatial pairs are at least one patch apart on the asked axis
 
 
@@ -103,8 +102,7 @@ class Text:
 
     @property
     def box(self) -> tuple[int, int, int, int]:
-        x, y = self.col * CELL, self.row * CELL
-        return x, y, x + len(self.text) * CELL, y + CELL
+        return tuple(CELL * edge for edge in self.block)
 
     @property
     def block(self) -> tuple[int, int, int, int]:
@@ -165,14 +163,18 @@ def _free(taken: np.ndarray, block: tuple[int, int, int, int]) -> bool:
     return not taken[max(0, r0 - g) : r1 + g, max(0, c0 - g) : c1 + g].any()
 
 
+def _take(taken: np.ndarray, block: tuple[int, int, int, int]) -> None:
+    c0, r0, c1, r1 = block
+    taken[r0:r1, c0:c1] = True
+
+
 def _try_place(
     rng: random.Random, objects: list[Obj], text: Text | None, relation: tuple[int, int, str] | None
 ) -> bool:
     taken = np.zeros((GRID_CELLS, GRID_CELLS), bool)
     if text is not None and text.where == "corner":
         text.col, text.row = _corner_cell(str(text.target), len(text.text))
-        c0, r0, c1, r1 = text.block
-        taken[r0:r1, c0:c1] = True
+        _take(taken, text.block)
     for obj in objects:
         cells = CARRIER_CELLS if obj.carrier else rng.choices(SIZE_CELLS, SIZE_WEIGHTS)[0]
         obj.size = cells * CELL - 2 * MARGIN
@@ -189,8 +191,7 @@ def _try_place(
                 continue
             if relation is not None and i == relation[0] and side_of(obj, objects[relation[1]]) != relation[2]:
                 continue
-            c0, r0, c1, r1 = obj.block
-            taken[r0:r1, c0:c1] = True
+            _take(taken, obj.block)
             break
         else:
             return False
