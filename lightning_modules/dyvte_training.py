@@ -35,7 +35,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 import pruners
 from pruners import Pruner
-from pruners.learned.dyvte import DyVTE, exit_step, sample_layer
+from pruners.learned.dyvte import AGREEMENT, CE_RATIO, DyVTE, exit_step, sample_layer
 
 from .learned_training import LearnedCheckpointing, LearnedPrunerTraining
 from .metrics import metric_for
@@ -57,6 +57,8 @@ class DyVTETraining(LearnedPrunerTraining):
             to 0 at the last step (paper: 6e-5, 0, 0.03).
         max_new_tokens, prompt, dtype, attn_implementation: as `LearnedPrunerTraining` (and `PrunedMLLM`).
         seed: seeds the per-step exit layer.
+        label_ce_ratio, label_ce_margin: the label's cross-entropy bound CE_B < ratio CE_A + margin (paper: 1.03
+            and no margin; `pruners.learned.dyvte.exit_labels` says why a small model needs a margin).
     """
 
     def __init__(
@@ -71,6 +73,8 @@ class DyVTETraining(LearnedPrunerTraining):
         seed: int = 0,
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
+        label_ce_ratio: float = CE_RATIO,
+        label_ce_margin: float = 0.0,
     ) -> None:
         pruner = pruners.build("dyvte") if pruner is None else pruner
         if not isinstance(pruner, DyVTE):
@@ -78,6 +82,10 @@ class DyVTETraining(LearnedPrunerTraining):
                              "train with LearnedPrunerTraining (configs/experiment/train_gate.yaml)")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
+        if not label_ce_ratio >= 1 or not label_ce_margin >= 0:
+            raise ValueError(f"label_ce_ratio must be >= 1 and label_ce_margin >= 0 (paper: 1.03 and 0), got "
+                             f"{label_ce_ratio!r} and {label_ce_margin!r}")
+        self.label_bound = {"ce_ratio": float(label_ce_ratio), "ce_margin": float(label_ce_margin)}
         # No budgets (DyVTE is adaptive), no LoRA (the paper trains the routers alone); the warm-up is a share of
         # the steps (`configure_optimizers`), not the parent's step count.
         super().__init__(pruner, model_name_or_path, budgets=None, lora_rank=0, lr=lr, weight_decay=weight_decay,
@@ -109,7 +117,8 @@ class DyVTETraining(LearnedPrunerTraining):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         inputs, lengths = self.training_inputs(batch)
         layer = sample_layer(self.pruner.layers, self.hparams.seed, self.global_step)
-        logits, labels = exit_step(self.llava, self.pruner, inputs, lengths, layer, self.image_token_id)
+        logits, labels = exit_step(self.llava, self.pruner, inputs, lengths, layer, self.image_token_id,
+                                       **self.label_bound)
         loss = F.cross_entropy(logits.float(), labels)  # class weights [1, 1] (official)
         size = len(labels)
         self.train_loss(loss.detach())
@@ -157,7 +166,8 @@ class DyVTETraining(LearnedPrunerTraining):
         # The routers against the labels of every layer where an exit acts.
         inputs, lengths = self.training_inputs(batch)
         for layer in self.pruner.llm_layers:
-            logits, labels = exit_step(self.llava, self.pruner, inputs, lengths, layer, self.image_token_id)
+            logits, labels = exit_step(self.llava, self.pruner, inputs, lengths, layer, self.image_token_id,
+                                       **self.label_bound)
             self.val_router_accuracy.update(logits.argmax(-1), labels)
             self.val_exit_rate.update(labels.float())
 
@@ -183,5 +193,6 @@ class DyVTETraining(LearnedPrunerTraining):
     def training_record(self) -> dict:
         # LearnedCheckpointing's record (the parent's reads LoRA hyperparameters this module does not take).
         return {**LearnedCheckpointing.training_record(self), "budgets": None, "lora": None,
+                "labels": {"agreement": AGREEMENT, **self.label_bound},
                 "recipe": "DyVTE (METHODS.md §5.3): one exit layer per step, labels from copies with and without "
                 "visual tokens, router cross-entropy; MLLM frozen, no LoRA"}

@@ -97,6 +97,23 @@ def test_label_is_one_exactly_when_both_conditions_hold():
     assert exit_labels(a, b, targets, answer).tolist() == [1, 0, 0, 1]
 
 
+def test_margin_admits_a_small_absolute_rise_of_a_near_zero_cross_entropy():
+    # A answers with near certainty (CE_A ~ 0.005 nats); B gives the same answer a little less surely (CE about
+    # five times larger, still ~0.02): the paper's ratio says unsafe, a 0.05-nat margin says safe; a real loss of
+    # confidence (CE_B ~ 0.7) stays unsafe under the margin.
+    targets = torch.tensor([[1, 2]] * 2)
+    answer = torch.tensor([[0, 1]] * 2, dtype=torch.bool)
+    a = torch.stack([peaked([0, 2], height=7.0)] * 2)
+    b = torch.stack([peaked([0, 2], height=5.5), peaked([0, 2], height=1.2)])
+
+    def ce(logits):
+        return F.cross_entropy(logits[:, 1], targets[:, 1], reduction="none")
+
+    assert ce(a).max() < 0.01 and 0.01 < ce(b)[0] < 0.05 and ce(b)[1] > 0.5  # the construction
+    assert exit_labels(a, b, targets, answer).tolist() == [0, 0]
+    assert exit_labels(a, b, targets, answer, ce_margin=0.05).tolist() == [1, 0]
+
+
 def test_agreement_must_exceed_99_percent():
     tokens = torch.arange(100) % 5
     a = peaked(tokens.tolist())[None].expand(2, -1, -1)
