@@ -37,7 +37,7 @@ def fit(model: Path, root: Path, steps: int, *args: str, stop: int | None = None
     resolved when it is read, so they are given here)."""
     root.mkdir(parents=True, exist_ok=True)
     checkpoint = {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",  # after each validation
-                  "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0}}
+                  "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 1}}
     logger = {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "logs"}}
     callbacks = [checkpoint, {"class_path": "pytorch_lightning.callbacks.RichProgressBar"}]
     if stop is not None:

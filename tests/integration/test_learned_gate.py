@@ -59,7 +59,7 @@ def fit_config(tmp: Path, model: Path, steps: int) -> str:
                                "init_args": {"save_dir": str(run), "name": "logs"}},
                     "callbacks": [
                         {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                         "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True, "save_top_k": 0}},
+                         "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True, "save_top_k": 1}},
                         {"class_path": "pytorch_lightning.callbacks.RichProgressBar"},
                         {"class_path": "test_learned_gate.Probe", "init_args": {"folder": str(tmp)}}]},
         "model": {"init_args": {"model_name_or_path": str(model), "lr": 0.05, "warmup_steps": 1}},
@@ -131,7 +131,7 @@ def test_fit_without_lora_trains_the_gate_alone(shapes_model, tmp_path):
     trainer = pl.Trainer(accelerator="cpu", max_steps=3, val_check_interval=3, check_val_every_n_epoch=None,
                          num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=str(tmp_path), callbacks=[pl.callbacks.ModelCheckpoint(
-                             dirpath=str(tmp_path / "checkpoints"), save_last=True, save_top_k=0)])  # fmt: skip
+                             dirpath=str(tmp_path / "checkpoints"), save_last=True, save_top_k=1)])  # fmt: skip
     trainer.fit(module, datamodule=ShapesBenchmark(train_size=8, batch_size=2, fit_val_size=VAL, targets=False))
     assert module.llava.state_dict().keys() == frozen.keys()  # no adapter
     assert all(torch.equal(v, module.llava.state_dict()[k]) for k, v in frozen.items())
