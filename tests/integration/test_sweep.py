@@ -185,6 +185,14 @@ def test_embedded_sweep_lists_every_pruner():
     assert runs[-1].folder == Path("out/shapes/dyvte")
 
 
+def test_core_full_sweep_covers_the_core_methods_on_the_whole_test_split():
+    spec = sweep.load_sweep(ROOT / "configs" / "sweep" / "core_full.yaml")
+    names = [sweep.pruner_entry(entry)[0] for entry in spec["pruners"]]
+    core = {"mustdrop", "gprune", "ficoco-v", "ficoco-l", "ficoco-vl", "tokencarve", "none", "fastv", "random", "pool"}
+    assert set(names) == core and set(names) <= set(pruners.available())
+    assert spec["benchmarks"]["shapes"] == ["--data.init_args.limit=3000"] and spec["budgets"] == [64, 128, 192]
+
+
 def test_pruner_entries_bring_their_own_args_and_budgets(tmp_path):
     spec = {"base": ["b.yaml"], "budgets": [64, 128], "benchmarks": {"shapes": []}, "out": "o",
             "pruners": ["none", {"gate": {"args": ["--model.pruner.checkpoint=G"]}},
