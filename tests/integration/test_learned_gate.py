@@ -1,5 +1,5 @@
 """The learned gate end to end on a tiny model that speaks the shapes benchmark: `vtprune fit` with the shipped
-config (LoRA on), resume, publish, load by path and validate to the same answers; the same without LoRA through
+config (LoRA switched on), resume, publish, load by path and validate to the same answers; the same without LoRA through
 the Python API; and the configuration errors that stop before training."""
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def fit_config(tmp: Path, model: Path, steps: int) -> str:
                          "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True, "save_top_k": 1}},
                         {"class_path": "pytorch_lightning.callbacks.RichProgressBar"},
                         {"class_path": "test_learned_gate.Probe", "init_args": {"folder": str(tmp)}}]},
-        "model": {"init_args": {"model_name_or_path": str(model), "lr": 0.05, "warmup_steps": 1}},
+        # LoRA on (the shipped config has it off), so the CLI path covers the adapter too
+        "model": {"init_args": {"model_name_or_path": str(model), "lr": 0.05, "warmup_steps": 1, "lora_rank": 8}},
         "data": {"init_args": {"train_size": 8, "batch_size": 2, "fit_val_size": VAL, "num_workers": 0}},
     }  # fmt: skip
     path = tmp / f"fit-{steps}.yaml"
