@@ -1,7 +1,8 @@
-"""Why FiCoCo-V falls below `random` on the embedded benchmark: its filter and its merge, measured apart.
+"""Why FiCoCo-V falls below `random`, and FiCoCo-L behind FastV, on the embedded benchmark: filter and merge
+measured apart.
 
-    python scripts/ficoco_diagnosis.py                 # 150 test questions at 64 tokens, about 5 min on 2 cores
-    python scripts/ficoco_diagnosis.py --n 500 --budget 128
+    python scripts/ficoco_diagnosis.py                 # 150 test questions at 64 tokens, about 8 min on 2 cores
+    python scripts/ficoco_diagnosis.py --n 500 --budget 128 --stage llm
 
 1. Filter. At FiCoCo-V's first merge layer (all 577 tokens still there) it records the head-mean logits A and
    scores every patch as the filter does (METHODS.md §3.1): the task term a = A[CLS, i], the redundancy term
@@ -12,6 +13,10 @@
 2. Accuracy. `vtprune validate` of ficoco-v at `budget` with the paper's lam = 0.35 and with lam = 1 (task term
    only), each with the paper's compress and with the sources dropped unmerged (compress replaced by the
    identity, a diagnosis only: not a pruner option), into runs/ficoco_diagnosis/.
+3. FiCoCo-L (`--stage llm`): at its first merge layer (decoder layer 1 of the tiny LLaVA, where FastV also cuts)
+   the filter's keep score -S, S = beta * sum_{j in V} A[i, j] - (1 - beta) * mean_{t in T} A[i, t] (beta =
+   0.6), its two terms, and FastV's score (the last token's attention) on the same states, as AUCs against the
+   object patches; then ficoco-l's accuracy with its compress and with the sources dropped unmerged.
 """
 
 from __future__ import annotations
@@ -34,13 +39,14 @@ OUT = Path("runs/ficoco_diagnosis")
 PAPER_LAM = 0.35
 
 
-def validate(name: str, budget: int, n: int, lam: float, args: list[str] | None = None) -> dict:
-    """One ficoco-v run on the first n test questions; its results.json."""
+def validate(name: str, budget: int, n: int, lam: float | None, args: list[str] | None = None) -> dict:
+    """One ficoco-v run (or the pruner `args` names) on the first n test questions; its results.json."""
     out = OUT / name
-    vtprune(["validate", "-c", "configs/experiment/demo.yaml", "--model.pruner=ficoco-v",
-             f"--model.pruner.budget={budget}", f"--model.pruner.lam={lam}", f"--data.init_args.limit={n}",
+    lam_arg = [] if lam is None else [f"--model.pruner.lam={lam}"]
+    vtprune(["validate", "-c", "configs/experiment/demo.yaml", "--model.pruner=ficoco-v", *(args or []),
+             f"--model.pruner.budget={budget}", *lam_arg, f"--data.init_args.limit={n}",
              f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
-             "--trainer.enable_model_summary=false", *(args or [])])  # fmt: skip
+             "--trainer.enable_model_summary=false"])  # fmt: skip
     return json.loads(next(out.rglob("results.json")).read_text())
 
 
@@ -70,7 +76,7 @@ def auc(scores: Tensor, objects: Tensor) -> float:
 def filter_report(budget: int, n: int) -> dict:
     """Prints the filter's statistics; returns the paper-setting run's results."""
     attn, results = first_layer_logits(budget, n)
-    objects = torch.stack([object_patches(patch_targets(make_sample(0, "test", i))) for i in range(n)])
+    objects = scene_objects(n)
     a, b = attn[:, 0, 1:], attn[:, 1:, 1:].mean(-1)
     a_hat, b_hat = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
     print(f"# filter at the first merge layer, {n} test scenes; object patches are {objects.float().mean():.1%}")
@@ -83,6 +89,56 @@ def filter_report(budget: int, n: int) -> dict:
         print(f"lam={lam}: AUC {auc(score, objects):.3f}; object share of the best {budget}: "
               f"{objects.gather(1, top).float().mean():.1%}")  # fmt: skip
     return results
+
+
+def scene_objects(n: int) -> Tensor:
+    """(n, 576) bool: the patches of test scenes 0..n-1 that hold an object or a label."""
+    return torch.stack([object_patches(patch_targets(make_sample(0, "test", i))) for i in range(n)])
+
+
+def llm_scores(budget: int, n: int) -> tuple[dict[str, Tensor], dict]:
+    """Per visual token (n, 576), at FiCoCo-L's first merge layer: its keep score, the two filter terms and
+    FastV's score; and the results of the ficoco-l run they were caught from."""
+    caught: list[dict[str, Tensor]] = []
+    original = ficoco.llm_step
+
+    def spy(state, r, cfg):
+        visual = state.valid & state.visual
+        if r > 0 and bool((visual.sum(-1) == 576).all()):  # the first merge layer: every visual token there
+            caught.append(filter_terms(state, visual, cfg.beta))
+        return original(state, r, cfg)
+
+    with mock.patch.object(ficoco, "llm_step", spy):
+        results = validate("llm-merge", budget, n, None, ["--model.pruner=ficoco-l"])
+    return {k: torch.cat([c[k] for c in caught]) for k in caught[0]}, results
+
+
+def filter_terms(state, visual: Tensor, beta: float) -> dict[str, Tensor]:
+    """FiCoCo-L's filter terms and FastV's score of each visual token, (B, 576) each, in patch order."""
+    attn = ficoco.all_logits(state)
+    slots = torch.arange(visual.shape[1])
+    first_visual = torch.where(visual, slots, visual.shape[1]).amin(-1, keepdim=True)
+    text = state.valid & ~state.visual & (slots > first_visual)
+    redundancy = (attn * visual[:, None, :]).sum(-1)
+    relevance = (attn * text[:, None, :]).sum(-1) / text.sum(-1, keepdim=True)
+    fastv = state.attention(state.last_index()[:, None])[:, 0]
+    terms = {"keep score -S": -(beta * redundancy - (1 - beta) * relevance), "-redundancy": -redundancy,
+             "relevance": relevance, "fastv": fastv}  # fmt: skip
+    return {k: v[visual].view(len(v), 576).detach().float() for k, v in terms.items()}
+
+
+def llm_report(budget: int, n: int) -> None:
+    scores, merged = llm_scores(budget, n)
+    objects = scene_objects(n)
+    print(f"# FiCoCo-L's filter at its first merge layer, {n} test scenes (AUC: object patch above background)")
+    for name, score in scores.items():
+        top = score.topk(budget, -1).indices
+        print(f"{name}: AUC {auc(score, objects):.3f}; object share of the best {budget}: "
+              f"{objects.gather(1, top).float().mean():.1%}")  # fmt: skip
+    with mock.patch.object(ficoco, "compress", lambda state, *_, **__: state):
+        dropped = validate("llm-drop", budget, n, None, ["--model.pruner=ficoco-l"])
+    print(f"ficoco-l at {budget}: with compress {merged['accuracy']:.3f}, sources dropped unmerged "
+          f"{dropped['accuracy']:.3f}")  # fmt: skip
 
 
 def accuracy_report(budget: int, n: int, paper: dict) -> None:
@@ -98,9 +154,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=150, help="test questions (default 150)")
     parser.add_argument("--budget", type=int, default=64, help="visual tokens kept (default 64)")
+    parser.add_argument("--stage", choices=["vision", "llm", "both"], default="both", help="FiCoCo-V, -L or both")
     args = parser.parse_args()
-    paper = filter_report(args.budget, args.n)
-    accuracy_report(args.budget, args.n, paper)
+    if args.stage in ("vision", "both"):
+        paper = filter_report(args.budget, args.n)
+        accuracy_report(args.budget, args.n, paper)
+    if args.stage in ("llm", "both"):
+        llm_report(args.budget, args.n)
 
 
 if __name__ == "__main__":
