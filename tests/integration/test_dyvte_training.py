@@ -147,7 +147,9 @@ def test_the_experiment_config_names_the_shipped_model_and_the_recipe(capsys):
     assert config["model"]["class_path"].endswith("DyVTETraining") and config["ckpt_path"] == "last"
     assert args["model_name_or_path"] == "checkpoints/tiny-llava-shapes"
     assert args["warmup_ratio"] == 0.03 and args["weight_decay"] == 0.0
-    assert args["pruner"]["init_args"]["threshold"] == 0.5 and args["pruner"]["init_args"]["hidden_ratio"] == 0.5
+    # paper recipe except two named, documented settings: the threshold chosen on val, the label margin
+    assert args["pruner"]["init_args"]["threshold"] == 0.9 and args["pruner"]["init_args"]["hidden_ratio"] == 0.5
+    assert args["label_ce_ratio"] == 1.03 and args["label_ce_margin"] == 0.05
     assert config["data"]["init_args"]["turns"] == 1 and config["trainer"]["max_steps"] == 375
 
 
