@@ -9,10 +9,17 @@ hidden states, conditioned on the mean of the prompt's text states there (an LLM
 with a learned score). The ranking does not depend on the budget, so one gate serves every budget; training
 samples one budget per step from a list (`lightning_modules.learned_training`).
 
+Attention prior (`attention_prior=True`, LLM layer only; ours, not from a paper): the score gains a term
+p * z(log a), a the attention of the prompt's last token to each visual token at that layer (FastV's signal,
+head mean) and z its standardisation over the image's tokens, with p a learned scalar (initialised to 1). The
+scorer's output layer and question projection then start at zero, so an untrained gate keeps exactly FastV's
+tokens and training learns where to depart from them.
+
 Scorer (width d of the LLM, `hidden` h): with x a token and q the question, both layer-normed,
     score(x, q) = w . GELU(W_x x + W_q q + b) + c  +  (K x) . (Q q) / sqrt(h)
 an MLP on the token shifted by the question, plus a query-key match of token and question (the question says
-which object matters, the match finds its tokens). 4dh + 4d + 2h + 1 parameters: 33,409 on the tiny shapes
+which object matters, the match finds its tokens), plus the attention prior when asked. 4dh + 4d + 2h + 1
+parameters (+ 1 with the prior): 33,409 on the tiny shapes
 LLaVA (d = 128, h = 64), 1.07M on a 7B LLM (d = 4096; `hidden=16` gives 0.27M). Weights are initialised from
 `seed` (xavier-uniform, zero biases), so two fresh gates are equal and every DDP rank starts the same.
 
@@ -106,9 +113,11 @@ def gumbel_like(x: Tensor) -> Tensor:
 
 
 class Scorer(nn.Module):
-    """score(x, q) = w . GELU(W_x x + W_q q + b) + c + (K x) . (Q q) / sqrt(h), x and q layer-normed."""
+    """score(x, q) = w . GELU(W_x x + W_q q + b) + c + (K x) . (Q q) / sqrt(h) [+ p prior], x and q layer-normed.
 
-    def __init__(self, dim: int, hidden: int, generator: torch.Generator) -> None:
+    With `prior`, w and Q start at zero and p at 1, so the first scores are the prior alone."""
+
+    def __init__(self, dim: int, hidden: int, generator: torch.Generator, prior: bool = False) -> None:
         super().__init__()
         self.token_norm, self.question_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.token = nn.Linear(dim, hidden)
@@ -121,14 +130,22 @@ class Scorer(nn.Module):
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
         self.scale = hidden**-0.5
+        self.prior_weight = nn.Parameter(torch.ones(())) if prior else None
+        if prior:  # both learned terms start at 0 and still get gradients (through W_x, b and K)
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.query.weight)
 
-    def forward(self, tokens: Tensor, question: Tensor) -> Tensor:
-        """(R, N) float32 scores of tokens (R, N, d) given one question vector (R, d) per row."""
+    def forward(self, tokens: Tensor, question: Tensor, prior: Tensor | None = None) -> Tensor:
+        """(R, N) float32 scores of tokens (R, N, d) given one question vector (R, d) per row (and the (R, N)
+        prior, when the scorer has one)."""
         x = self.token_norm(tokens.to(self.token.weight.dtype))
         q = self.question_norm(question.to(self.token.weight.dtype))
         mlp = self.out(F.gelu(self.token(x) + self.question(q)[:, None]))[..., 0]
         match = (self.key(x) * self.query(q)[:, None]).sum(-1) * self.scale
-        return (mlp + match).float()
+        score = (mlp + match).float()
+        if self.prior_weight is not None:
+            score = score + self.prior_weight.float() * prior
+        return score
 
 
 @register
@@ -141,6 +158,7 @@ class GatePruner(LearnedPruner):
             first budget it was trained for.
         layer: None (default): act at VISION_OUTPUT on the projected features. k: act after LLM layer k (0..L-2)
             on its hidden states (the budget per image then counts from layer k + 1 on).
+        attention_prior: add the learned-weight attention prior of the module docstring (needs `layer`).
         hidden: the scorer's hidden width h (4dh + 4d + 2h + 1 parameters).
         temperature: of the sigmoid relaxation in training (scores are standardised per image).
         noise: scale of the Gumbel noise added to the raw scores in training (1: exact Gumbel-top-k sampling;
@@ -158,8 +176,8 @@ class GatePruner(LearnedPruner):
     needs = frozenset({"question"})
 
     def __init__(self, budget: int | None = None, layer: int | None = None, hidden: int = 64,
-                 temperature: float = 0.5, noise: float = 1.0, seed: int = 0, dim: int | None = None,
-                 checkpoint: str | None = None) -> None:
+                 temperature: float = 0.5, noise: float = 1.0, seed: int = 0, attention_prior: bool = False,
+                 dim: int | None = None, checkpoint: str | None = None) -> None:
         super().__init__(locals())
         args = self.resolved
         for what, low, optional in (("hidden", 1, False), ("seed", 0, False), ("dim", 1, True), ("layer", 0, True)):
@@ -168,7 +186,13 @@ class GatePruner(LearnedPruner):
             value = args[what]
             if isinstance(value, bool) or not isinstance(value, int | float) or value < low or strict and value == low:
                 raise ValueError(f"gate: {what} must be a number {'>' if strict else '>='} {low}, got {value!r}")
+        if not isinstance(args["attention_prior"], bool):
+            raise ValueError(f"gate: attention_prior must be True or False, got {args['attention_prior']!r}")
+        if args["attention_prior"] and args["layer"] is None:
+            raise ValueError("gate: attention_prior reads the LLM's attention, so it needs an LLM layer: give "
+                             "layer=k (0..L-2), or attention_prior=False at VISION_OUTPUT")
         self.layer, self.hidden, self.seed = args["layer"], args["hidden"], args["seed"]
+        self.attention_prior = args["attention_prior"]
         self.temperature, self.noise = float(args["temperature"]), float(args["noise"])
         self.dim: int | None = None
         self.scorer: Scorer | None = None
@@ -178,7 +202,7 @@ class GatePruner(LearnedPruner):
 
     def _build(self, dim: int) -> None:
         self.dim = dim
-        self.scorer = Scorer(dim, self.hidden, torch.Generator().manual_seed(self.seed))
+        self.scorer = Scorer(dim, self.hidden, torch.Generator().manual_seed(self.seed), self.attention_prior)
         self.scorer.train(self.training)
 
     def setup(self, info: ModelInfo) -> None:
@@ -206,7 +230,12 @@ class GatePruner(LearnedPruner):
             question = text[state.extras["text_row"]]
         else:  # LLM layer: the prompt's text states at this layer
             question = masked_mean(state.hidden, state.valid & ~state.visual)
-        return self.scorer(state.hidden, question)
+        return self.scorer(state.hidden, question, self.prior(state) if self.attention_prior else None)
+
+    def prior(self, state: TokenState) -> Tensor:
+        """(B, N) standardised log attention of the last prompt token to each slot (FastV's score)."""
+        attention = state.attention(state.last_index()[:, None])[:, 0]
+        return standardize(attention.clamp_min(1e-12).log(), state.visual & state.valid)
 
     def vision_output(self, state: TokenState) -> TokenState:
         if self.layer is not None:
@@ -233,10 +262,11 @@ class GatePruner(LearnedPruner):
 
     def extra_repr(self) -> str:
         where = "vision_output" if self.layer is None else f"llm_layer={self.layer}"
-        return f"budget={self.budget}, {where}, hidden={self.hidden}, dim={self.dim}"
+        prior = ", attention_prior" if self.attention_prior else ""
+        return f"budget={self.budget}, {where}{prior}, hidden={self.hidden}, dim={self.dim}"
 
 
-def parameter_count(dim: int, hidden: int) -> int:
-    """Parameters of a gate on an LLM of width `dim`: 4dh + 4d + 2h + 1."""
-    return 4 * dim * hidden + 4 * dim + 2 * hidden + 1
+def parameter_count(dim: int, hidden: int, attention_prior: bool = False) -> int:
+    """Parameters of a gate on an LLM of width `dim`: 4dh + 4d + 2h + 1 (+ 1 with the attention prior)."""
+    return 4 * dim * hidden + 4 * dim + 2 * hidden + 1 + int(attention_prior)
 

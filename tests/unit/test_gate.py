@@ -150,9 +150,33 @@ def test_llm_layer_gate_cuts_after_its_layer_and_batches_like_one_by_one(model):
         assert torch.equal(batched[i], generate_new_tokens(model, slice_inputs(inputs, i), gate)[0])
 
 
+def test_an_untrained_attention_prior_gate_keeps_exactly_fastvs_tokens(model):
+    """With the prior, the learned terms start at zero: the first ranking is FastV's (the last token's attention
+    at the same layer), so the forward pass equals FastV's. In training the zero-initialised weights and the
+    prior's scale get gradients (the others do once those have moved, as with LoRA's zero-initialised B)."""
+    inputs = make_inputs(model, [3, 9], seed=6)
+    gate = attached_gate(model, budget=16, layer=1, attention_prior=True, noise=0.0)
+    with torch.no_grad(), pruners.attach(model, gate):
+        gated = model(**inputs).logits
+    with torch.no_grad(), pruners.attach(model, pruners.build("fastv", budget=16, k=2)):
+        fastv = model(**inputs).logits
+    assert torch.equal(gated, fastv)
+    with torch.no_grad(), pruners.attach(model, attached_gate(model, budget=16, layer=1)):
+        assert not torch.equal(model(**inputs).logits, fastv)  # without the prior: another choice
+    gate.train()
+    with pruners.attach(model, gate):
+        model(**inputs).logits[:, -1].logsumexp(-1).sum().backward()
+    grads = dict(gate.named_parameters())
+    for name in ("scorer.prior_weight", "scorer.out.weight", "scorer.query.weight"):
+        assert grads[name].grad is not None and grads[name].grad.abs().sum() > 0, name
+    assert sum(p.numel() for p in gate.parameters()) == parameter_count(64, 64, attention_prior=True)
+
+
 @pytest.mark.parametrize(("kw", "message"), [
     ({"hidden": 0}, "hidden must be an int >= 1"), ({"temperature": 0.0}, "temperature must be a number > 0"),
     ({"noise": -1.0}, "noise must be a number >= 0"), ({"layer": -1}, "layer must be an int >= 0 or None"),
+    ({"attention_prior": True}, "attention_prior reads the LLM's attention, so it needs an LLM layer"),
+    ({"attention_prior": 1, "layer": 1}, "attention_prior must be True or False, got 1"),
 ])  # fmt: skip
 def test_bad_arguments_name_the_value_and_what_is_allowed(kw, message):
     with pytest.raises(ValueError, match=message):
