@@ -193,6 +193,16 @@ def test_core_full_sweep_covers_the_core_methods_on_the_whole_test_split():
     assert spec["benchmarks"]["shapes"] == ["--data.init_args.limit=3000"] and spec["budgets"] == [64, 128, 192]
 
 
+def test_learned_full_sweep_runs_the_shipped_checkpoints_on_the_whole_test_split():
+    spec = sweep.load_sweep(ROOT / "configs" / "sweep" / "learned_full.yaml")
+    entries = dict(sweep.pruner_entry(entry) for entry in spec["pruners"])
+    assert sorted(entries) == ["dyvte", "fastv", "gate", "none"] and entries["dyvte"]["budgets"] == []
+    for name in ("gate", "dyvte"):
+        (folder,) = [a.split("=", 1)[1] for a in entries[name]["args"] if a.startswith("--model.pruner.checkpoint=")]
+        assert (ROOT / folder / "pruner.json").is_file(), folder
+    assert spec["benchmarks"]["shapes"] == ["--data.init_args.limit=3000"]
+
+
 def test_pruner_entries_bring_their_own_args_and_budgets(tmp_path):
     spec = {"base": ["b.yaml"], "budgets": [64, 128], "benchmarks": {"shapes": []}, "out": "o",
             "pruners": ["none", {"gate": {"args": ["--model.pruner.checkpoint=G"]}},
