@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## Create .venv (torch CPU wheel, then vtprune in editable mode)
 
-demo: $(STAMP) ## Main job: validate the seed pruners on the embedded default (ARGS= extra flags)
+demo: $(STAMP) ## Main job: the seed pruners and the core methods on the embedded default (ARGS= extra flags)
 	$(BIN)/python scripts/demo.py $(ARGS)
 
 sweep: $(STAMP) ## Resumable sweep: pruners x budgets x benchmarks (ARGS= YAML, --out, vtprune flags)

@@ -1,8 +1,13 @@
-"""The main job: validate the seed pruners at 64/128/192 tokens on the embedded default.
+"""The main job: validate the seed pruners at 64/128/192 tokens, and the four core methods (MustDrop, G-Prune,
+FiCoCo-V/L/VL, TokenCarve) at 64, on the embedded default.
 
-    make demo                                    # 500 test questions per run, under 10 min on 2 cores
+    make demo                                    # 500 test questions per run, about 10 min on 2 cores
     make demo ARGS=--full                        # the whole test split (3,000 questions)
-    python scripts/demo.py --pruners fastv pool --budgets 64 --out runs/demo
+    python scripts/demo.py --pruners fastv pool --budgets 64 --core --out runs/demo   # no core methods
+    python scripts/demo.py --core gprune tokencarve --core-budgets 64 128
+
+The core methods run at one budget by default to keep the demo short; `make sweep` has every pruner at every
+budget.
 
 Each run is `vtprune validate -c configs/experiment/demo.yaml --model.pruner=NAME
 --model.pruner.budget=B` (the shipped tiny LLaVA on the shapes test split), writing results.json
@@ -21,6 +26,7 @@ from lightning_modules.cli import main as vtprune
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "experiment" / "demo.yaml"
+CORE = ["mustdrop", "gprune", "ficoco-v", "ficoco-l", "ficoco-vl", "tokencarve"]
 COLUMNS = ("pruner", "budget", "accuracy", *FAMILIES, "visual tokens", "prefill TFLOPs", "KV cache MB", "latency ms")
 
 
@@ -74,6 +80,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pruners", nargs="+", default=["random", "pool", "fastv", "tome"])
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 192])
+    p.add_argument("--core", nargs="*", default=CORE, help="core methods (default: all six; none after the flag)")
+    p.add_argument("--core-budgets", nargs="+", type=int, default=[64], help="their budgets (default 64)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     p.add_argument("--questions", type=int, default=500, help="test questions per run (default 500)")
     p.add_argument("--full", action="store_true", help="score the whole test split (3,000 questions)")
@@ -88,6 +96,7 @@ def demo(argv: list[str] | None = None) -> str:
     extra += [] if args.full else [f"--data.init_args.limit={args.questions}"]
     results = [run_one("none", None, args.out, extra)]
     results += [run_one(name, b, args.out, extra) for name in args.pruners for b in args.budgets]
+    results += [run_one(name, b, args.out, extra) for name in args.core for b in args.core_budgets]
     table = markdown([row(r) for r in results])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.md").write_text(table)
