@@ -84,11 +84,15 @@ def filter_report(budget: int, n: int) -> dict:
           f"mean b: object {b[objects].mean():+.3f}, background {b[~objects].mean():+.3f}")  # fmt: skip
     print(f"AUC of a (high = kept): {auc(a, objects):.3f}; AUC of -b: {auc(-b, objects):.3f}")
     for lam in (PAPER_LAM, 0.5, 1.0):
-        score = lam * a_hat - (1 - lam) * b_hat
-        top = score.topk(budget, -1).indices
-        print(f"lam={lam}: AUC {auc(score, objects):.3f}; object share of the best {budget}: "
-              f"{objects.gather(1, top).float().mean():.1%}")  # fmt: skip
+        print(ranking(f"lam={lam}", lam * a_hat - (1 - lam) * b_hat, objects, budget))
     return results
+
+
+def ranking(name: str, score: Tensor, objects: Tensor, budget: int) -> str:
+    """One line: the score's AUC and the object share of its `budget` best patches."""
+    top = score.topk(budget, -1).indices
+    share = objects.gather(1, top).float().mean()
+    return f"{name}: AUC {auc(score, objects):.3f}; object share of the best {budget}: {share:.1%}"
 
 
 def scene_objects(n: int) -> Tensor:
@@ -132,9 +136,7 @@ def llm_report(budget: int, n: int) -> None:
     objects = scene_objects(n)
     print(f"# FiCoCo-L's filter at its first merge layer, {n} test scenes (AUC: object patch above background)")
     for name, score in scores.items():
-        top = score.topk(budget, -1).indices
-        print(f"{name}: AUC {auc(score, objects):.3f}; object share of the best {budget}: "
-              f"{objects.gather(1, top).float().mean():.1%}")  # fmt: skip
+        print(ranking(name, score, objects, budget))
     with mock.patch.object(ficoco, "compress", lambda state, *_, **__: state):
         dropped = validate("llm-drop", budget, n, None, ["--model.pruner=ficoco-l"])
     print(f"ficoco-l at {budget}: with compress {merged['accuracy']:.3f}, sources dropped unmerged "

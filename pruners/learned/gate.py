@@ -131,7 +131,7 @@ class Scorer(nn.Module):
                 nn.init.zeros_(layer.bias)
         self.scale = hidden**-0.5
         self.prior_weight = nn.Parameter(torch.ones(())) if prior else None
-        if prior:  # both learned terms start at 0 and still get gradients (through W_x, b and K)
+        if prior:  # both learned terms start at 0; w and Q still get gradients (from GELU(W_x x + b) and K x)
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.query.weight)
 
