@@ -4,7 +4,8 @@
     vtprune validate -c configs/experiment/demo.yaml --model.pruner=fastv --model.pruner.budget=64
 
 `--model.pruner=NAME` takes a pruner registry name (see `pruner_names`); later `-c` files override
-earlier ones; YAML files may use OmegaConf interpolation.
+earlier ones; YAML files may use OmegaConf interpolation, resolved once over all files and the command
+line (`--trainer.default_root_dir=DIR` moves the log and checkpoint folders derived from it).
 
 `vtprune fit` trains any LightningModule, named by `model.class_path` in its config:
 
@@ -19,7 +20,9 @@ earlier ones; YAML files may use OmegaConf interpolation.
 from __future__ import annotations
 
 import sys
+import warnings
 
+from jsonargparse import set_parsing_settings
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from . import pruner_names
@@ -36,6 +39,11 @@ from .shapes_data import ShapesBenchmark  # noqa: F401
 from .vision_pretraining import VisionPretraining  # noqa: F401
 
 RICH_BAR = "pytorch_lightning.callbacks.RichProgressBar"
+# "omegaconf+" resolves interpolation once, over the merged config files and command line, so that
+# `--trainer.default_root_dir=DIR` also moves every path a config derives from it (logger, checkpoints,
+# output folder). Configs write absolute paths (`${trainer.default_root_dir}`), which this setting reads
+# relative to the subcommand (fit, validate) they sit under.
+set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
 
 class VtpruneParser(LightningArgumentParser):
@@ -76,13 +84,15 @@ def main(args: ArgsType = None) -> None:
     args = pruner_names.normalize_argv(sys.argv[1:] if args is None else list(args))
     # fit trains whatever module its config names; validate and test evaluate a PrunedMLLM.
     fit = bool(args) and args[0] == "fit"
+    # LightningCLI warns when given args while sys.argv holds some: ours are sys.argv's, normalized.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     VtpruneCLI(
         None if fit else PrunedMLLM,
         BenchmarkDataModule,
         subclass_mode_model=fit,
         subclass_mode_data=True,
         parser_class=VtpruneParser,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
         args=args,

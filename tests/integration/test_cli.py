@@ -135,6 +135,20 @@ def test_later_configs_override_earlier_ones(capsys):
     assert pruner["init_args"]["budget"] == 64 and "seed" not in pruner["init_args"]  # random's own argument went
 
 
+@pytest.mark.parametrize("config", ["train_gate.yaml", "train_tiny_llava.yaml"])
+def test_a_command_line_root_dir_moves_every_path_derived_from_it(capsys, config, tmp_path):
+    """Interpolation resolves after the command line: a run sent elsewhere logs, checkpoints (and resumes)
+    there, not in the folder its YAML names."""
+    path = str(CONFIGS / "experiment" / config)
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", path, f"--trainer.default_root_dir={tmp_path}", "--print_config"])
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    callbacks = {c["class_path"].rsplit(".", 1)[1]: c.get("init_args", {}) for c in trainer["callbacks"]}
+    assert trainer["default_root_dir"] == str(tmp_path)
+    assert trainer["logger"]["init_args"]["save_dir"] == str(tmp_path)
+    assert callbacks["ModelCheckpoint"]["dirpath"] == f"{tmp_path}/checkpoints"
+
+
 class HyphenPool(PoolPruner):
     """Pool under a hyphenated name, registered only inside the test below."""
 
