@@ -119,12 +119,7 @@ def llm_scores(budget: int, n: int) -> tuple[dict[str, Tensor], dict]:
 
 def filter_terms(state, visual: Tensor, beta: float) -> dict[str, Tensor]:
     """FiCoCo-L's filter terms and FastV's score of each visual token, (B, 576) each, in patch order."""
-    attn = ficoco.all_logits(state)
-    slots = torch.arange(visual.shape[1])
-    first_visual = torch.where(visual, slots, visual.shape[1]).amin(-1, keepdim=True)
-    text = state.valid & ~state.visual & (slots > first_visual)
-    redundancy = (attn * visual[:, None, :]).sum(-1)
-    relevance = (attn * text[:, None, :]).sum(-1) / text.sum(-1, keepdim=True)
+    redundancy, relevance, _ = ficoco.llm_filter_terms(state, ficoco.all_logits(state))
     fastv = state.attention(state.last_index()[:, None])[:, 0]
     terms = {"keep score -S": -(beta * redundancy - (1 - beta) * relevance), "-redundancy": -redundancy,
              "relevance": relevance, "fastv": fastv}  # fmt: skip

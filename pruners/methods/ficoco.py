@@ -257,6 +257,19 @@ def _official_order(state: TokenState, keep: Tensor, score: Tensor) -> TokenStat
     return new.replace(visual=new.valid & ~anchor, positions=positions)
 
 
+def llm_filter_terms(state: TokenState, attn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """FiCoCo-L's filter terms of every token from its logits `attn` (B, N, N): (redundancy: the sum of its
+    logits to the visual tokens, relevance: the mean of its logits to the text after the image, that text
+    mask). Sums as matmuls: the logits are finite, so masked entries add exact zeros."""
+    n = state.valid.shape[1]
+    visual = state.valid & state.visual
+    slots = torch.arange(n, device=visual.device)
+    first_visual = torch.where(visual, slots, n).amin(-1, keepdim=True)
+    text = state.valid & ~state.visual & (slots > first_visual)
+    text_mean = text.float() / text.sum(-1, keepdim=True).clamp_min(1)
+    return (attn @ visual.float()[..., None])[..., 0], (attn @ text_mean[..., None])[..., 0], text
+
+
 def llm_step(state: TokenState, r: int, cfg: _FiCoCo) -> TokenState:
     """One FiCoCo-L step at a decoder layer (after its attention residual): remove r visual tokens per image."""
     bsz, n = state.valid.shape
@@ -270,12 +283,8 @@ def llm_step(state: TokenState, r: int, cfg: _FiCoCo) -> TokenState:
         return state.keep(compact_index(state.valid))  # a new state, so the runtime still renumbers
     attn = all_logits(state)
     slots = torch.arange(n, device=visual.device)
-    first_visual = torch.where(visual, slots, n).amin(-1, keepdim=True)
-    text = state.valid & ~state.visual & (slots > first_visual)
-    # filter: redundancy among visual tokens minus relevance to the text (sums as matmuls: logits are finite)
-    text_mean = text.float() / text.sum(-1, keepdim=True).clamp_min(1)
-    weight = cfg.beta * visual.float() - (1 - cfg.beta) * text_mean
-    source = choose((attn @ weight[..., None])[..., 0], candidates, count, lowest=False)
+    redundancy, relevance, text = llm_filter_terms(state, attn)  # filter, step 2: the r highest S are sources
+    source = choose(cfg.beta * redundancy - (1 - cfg.beta) * relevance, candidates, count, lowest=False)
     src = compact_index(source)
     # correlate: direct visual-visual logits plus the indirect path through the text
     rows = attn.gather(1, src.clamp(min=0)[..., None].expand(-1, -1, n))
