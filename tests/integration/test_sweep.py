@@ -203,6 +203,20 @@ def test_learned_full_sweep_runs_the_shipped_checkpoints_on_the_whole_test_split
     assert spec["benchmarks"]["shapes"] == ["--data.init_args.limit=3000"]
 
 
+def test_full_sweep_is_the_embedded_one_on_the_whole_split_and_reuses_the_partial_ones():
+    full = sweep.load_sweep(ROOT / "configs" / "sweep" / "full.yaml")
+    embedded = sweep.load_sweep(ROOT / "configs" / "sweep" / "embedded.yaml")
+    assert full["pruners"] == embedded["pruners"] and full["base"] == embedded["base"]
+    assert full["benchmarks"]["shapes"] == ["--data.init_args.limit=3000"]
+    # a run core_full or learned_full made has the same folder and arguments here, so it is not repeated
+    runs = {run.folder: run.args for run in sweep.plan(full, Path(full["out"]), [])}
+    for part in ("core_full.yaml", "learned_full.yaml"):
+        spec = sweep.load_sweep(ROOT / "configs" / "sweep" / part)
+        assert spec["out"] == full["out"]
+        for run in sweep.plan(spec, Path(spec["out"]), []):
+            assert runs[run.folder] == run.args, run.folder
+
+
 def test_pruner_entries_bring_their_own_args_and_budgets(tmp_path):
     spec = {"base": ["b.yaml"], "budgets": [64, 128], "benchmarks": {"shapes": []}, "out": "o",
             "pruners": ["none", {"gate": {"args": ["--model.pruner.checkpoint=G"]}},
