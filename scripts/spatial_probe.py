@@ -55,8 +55,9 @@ def questions(sample: Sample, form: str) -> list[tuple[str, str]]:
                 if shapes[o.shape] == 1 and abs(o.center[0] - MIDDLE) > MARGIN]  # fmt: skip
     if form == "typed":
         pairs = [(a, b) for a in sample.objects for b in sample.objects
-                 if a is not b and shapes[a.shape] == 1 and colors[b.color] == 1 and side_of(a, b)]  # fmt: skip
-        return [(f"where is the {a.shape} relative to the {b.color} object ?", side_of(a, b)) for a, b in pairs]
+                 if a is not b and shapes[a.shape] == 1 and colors[b.color] == 1]  # fmt: skip
+        sides = [(a, b, side_of(a, b)) for a, b in pairs]
+        return [(f"where is the {a.shape} relative to the {b.color} object ?", side) for a, b, side in sides if side]
     relative = scene_questions(sample).get("spatial", [])
     if form == "first":
         named = {o.shape: o for o in sample.objects}
