@@ -169,6 +169,13 @@ def test_run_folder_refuses_other_arguments(sweep_yaml, reference, tmp_path):
         sweep.sweep([str(sweep_yaml), "--out", str(out), "--model.max_new_tokens=2"])
 
 
+def assert_shipped_checkpoints(entries: dict) -> None:
+    """The learned pruners of a sweep's entries load checkpoint folders that the repository ships."""
+    for name in ("gate", "dyvte"):
+        (folder,) = [a.split("=", 1)[1] for a in entries[name]["args"] if a.startswith("--model.pruner.checkpoint=")]
+        assert (ROOT / folder / "pruner.json").is_file(), folder
+
+
 def test_embedded_sweep_lists_every_pruner():
     # Every registered pruner; the learned ones load the checkpoints shipped for the tiny LLaVA, and the
     # adaptive DyVTE runs once, without a budget.
@@ -176,9 +183,7 @@ def test_embedded_sweep_lists_every_pruner():
     entries = dict(sweep.pruner_entry(entry) for entry in spec["pruners"])
     assert sorted(entries) == sorted(pruners.available()) and spec["budgets"] == [64, 128, 192]
     assert all((ROOT / config).is_file() for config in spec["base"])
-    for name in ("gate", "dyvte"):
-        (folder,) = [a.split("=", 1)[1] for a in entries[name]["args"] if a.startswith("--model.pruner.checkpoint=")]
-        assert (ROOT / folder / "pruner.json").is_file(), folder
+    assert_shipped_checkpoints(entries)
     runs = sweep.plan(spec, Path("out"), [])
     assert len(runs) == 1 + 3 * (len(pruners.available()) - 2) + 1
     assert runs[0].folder == Path("out/shapes/none") and "--model.pruner.budget=64" in runs[1].args
@@ -197,9 +202,7 @@ def test_learned_full_sweep_runs_the_shipped_checkpoints_on_the_whole_test_split
     spec = sweep.load_sweep(ROOT / "configs" / "sweep" / "learned_full.yaml")
     entries = dict(sweep.pruner_entry(entry) for entry in spec["pruners"])
     assert sorted(entries) == ["dyvte", "fastv", "gate", "none"] and entries["dyvte"]["budgets"] == []
-    for name in ("gate", "dyvte"):
-        (folder,) = [a.split("=", 1)[1] for a in entries[name]["args"] if a.startswith("--model.pruner.checkpoint=")]
-        assert (ROOT / folder / "pruner.json").is_file(), folder
+    assert_shipped_checkpoints(entries)
     assert spec["benchmarks"]["shapes"] == ["--data.init_args.limit=3000"]
 
 
